@@ -1,0 +1,100 @@
+"""Plain-data types that cross the engine boundary.
+
+The API layer and the scheduler see only these (no torch types): a request goes in as
+:class:`GenerationRequest`, and comes back as a stream of :class:`TokenEvent` ending with one
+:class:`FinalEvent`. After every decode step the engine reports a :class:`StepReport` to an optional
+hook, which may answer with lowered exits for running requests.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Literal
+
+FinishReason = Literal["length", "stop", "eos", "cancelled", "error"]
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_new_tokens: int = 128
+    temperature: float = 0.0  # 0 means greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 means off
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+
+@dataclass
+class GenerationRequest:
+    request_id: str
+    prompt_ids: list[int]
+    exit_layer: int  # a trained exit: the number of layers this request runs through
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    arrival_time: float | None = None  # time.perf_counter() at arrival; set by the engine if None
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    index: int  # 0-based position among the generated tokens
+    text: str  # newly decodable text ("" while a UTF-8 character is incomplete)
+    token_id: int
+    exit_layer: int
+
+
+@dataclass(frozen=True)
+class Downgrade:
+    at_token: int
+    from_exit: int
+    to_exit: int
+
+
+@dataclass(frozen=True)
+class FinalEvent:
+    request_id: str
+    text: str
+    finish_reason: FinishReason
+    exit_layer: int  # the exit the request ended at
+    initial_exit_layer: int
+    downgrades: tuple[Downgrade, ...]
+    prompt_tokens: int
+    completion_tokens: int
+    queue_ms: float  # arrival → prefill start
+    ttft_ms: float  # arrival → first token
+    total_ms: float  # arrival → last token
+    ms_per_token: float  # mean decode time per token after the first
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class RowState:
+    """One running request as the step hook sees it."""
+
+    request_id: str
+    exit_layer: int
+    generated: int  # tokens generated so far
+    max_new_tokens: int
+    prompt_tokens: int
+    arrival_time: float  # perf_counter clock
+
+
+@dataclass(frozen=True)
+class StepReport:
+    now: float  # perf_counter at the end of the step
+    step_seconds: float
+    batch_size: int
+    deepest_exit: int
+    rows: tuple[RowState, ...]
+    waiting: int  # requests queued for prefill
+
+
+# Called in the engine thread after each decode step; returns {request_id: new (lower) exit}.
+StepHook = Callable[[StepReport], Mapping[str, int] | None]
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    running: int
+    waiting: int
+    free_slots: int
+    max_slots: int
