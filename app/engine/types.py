@@ -98,3 +98,28 @@ class EngineStats:
     waiting: int
     free_slots: int
     max_slots: int
+
+
+@dataclass(frozen=True)
+class ProfilePoint:
+    """Measured latency of one exit: prefill per prompt token, decode step per batch size."""
+
+    exit_layer: int
+    prefill_ms_per_token: float
+    decode_ms_by_batch: dict[int, float]
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    model_id: str
+    model_type: str
+    num_layers: int
+    exits: tuple[int, ...]
+    max_seq_len: int
+    vocab_size: int
+    eos_token_ids: tuple[int, ...]
+    device: str
+    dtype: str
+    soft_tuned: bool
+    quality: dict[str, float]  # sorted.json eval.by_exit, keys are exits as strings
+    metric: str  # the quality metric's name, e.g. "loss"
