@@ -1,0 +1,64 @@
+# syntax=docker/dockerfile:1
+# SortedServe image: the API server with the default SoFT checkpoint baked in.
+#
+# CPU (default):  docker build -t sortedserve .
+# CUDA:           docker build -t sortedserve:cuda --build-arg TORCH_INDEX_URL=https://pypi.org/simple .
+#   PyPI's Linux torch wheels bundle the CUDA runtime (nvidia-* wheels), so the Python base image
+#   stays the same; only the host needs the NVIDIA driver and container toolkit. A specific CUDA
+#   build can be had with TORCH_INDEX_URL=https://download.pytorch.org/whl/cu<NNN>.
+# BASE_IMAGE selects the Python base of both stages (e.g. a digest-pinned python:3.11-slim or an
+#   internal mirror); it must provide python3.11 as `python`.
+# Settings are SORTEDSERVE_* environment variables (see app/settings.py); other checkpoints are
+#   mounted under /models and chosen with SORTEDSERVE_MODEL=/models/<name>.
+
+ARG BASE_IMAGE=python:3.11-slim-bookworm
+
+FROM ${BASE_IMAGE} AS builder
+ARG TORCH_VERSION=2.13.0
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PYTHONDONTWRITEBYTECODE=1
+RUN python -m venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH
+# torch first, from the chosen index, so that the project's `torch>=` range installs nothing more.
+RUN pip install --no-cache-dir --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}"
+# The dependencies in their own layer: a code change does not reinstall them. A stub package is
+# enough for pip to resolve pyproject.toml; it is removed again, the source is copied at runtime.
+WORKDIR /src
+COPY pyproject.toml README.md ./
+RUN mkdir app && touch app/__init__.py \
+    && pip install --no-cache-dir . \
+    && pip uninstall --yes sortedserve
+
+FROM ${BASE_IMAGE} AS runtime
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONPATH=/srv/sortedserve \
+    HOME=/home/sortedserve \
+    HF_HOME=/home/sortedserve/.cache/huggingface \
+    HF_HUB_OFFLINE=1 \
+    SORTEDSERVE_MODEL=model_store/default \
+    SORTEDSERVE_HOST=0.0.0.0 \
+    SORTEDSERVE_PORT=8000 \
+    SORTEDSERVE_PROFILE_CACHE_DIR=/home/sortedserve/.cache/sortedserve
+RUN groupadd --system --gid 10001 sortedserve \
+    && useradd --system --uid 10001 --gid 10001 --create-home --home-dir /home/sortedserve \
+        --shell /usr/sbin/nologin sortedserve \
+    && mkdir -p /home/sortedserve/.cache/sortedserve /home/sortedserve/.cache/huggingface /models \
+    && chown -R sortedserve:sortedserve /home/sortedserve /models
+COPY --from=builder /opt/venv /opt/venv
+WORKDIR /srv/sortedserve
+COPY app ./app
+COPY model_store/default ./model_store/default
+# Numeric, so that Kubernetes runAsNonRoot can verify it.
+USER 10001:10001
+EXPOSE 8000
+# Liveness only (/health); readiness (/ready) is for load balancers and Kubernetes probes.
+HEALTHCHECK --interval=15s --timeout=3s --start-period=120s --retries=3 \
+    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:' + os.environ.get('SORTEDSERVE_PORT', '8000') + '/health', timeout=2)"]
+# Exec form: the Python process is PID 1 of the command and gets SIGTERM itself; uvicorn stops
+# accepting, the server drains in-flight requests (SORTEDSERVE_DRAIN_TIMEOUT_S), then exits.
+STOPSIGNAL SIGTERM
+CMD ["python", "-m", "app", "serve"]
