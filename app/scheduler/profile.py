@@ -1,0 +1,171 @@
+"""The latency profile: what one prefill token and one decode step cost at each trained exit.
+
+Pure Python, no torch: the numbers come from the engine's ``measure_profile`` (or a JSON cache of
+it) and this module turns them into predictions. A decode step runs layer *l* over the rows whose
+exit is ≥ *l*, so a batch that mixes exits is modelled per layer::
+
+    step_ms(rows) = overhead_ms(len(rows)) + Σ_{l=1..deepest} layer_ms(rows still running at l)
+
+``overhead_ms(b)`` and ``layer_ms(b)`` come from a least-squares line through the measured
+homogeneous steps ``decode_ms(exit, b) ≈ overhead_ms(b) + exit × layer_ms(b)`` at each measured
+batch size, interpolated linearly between batch sizes (and extended along the last segment).
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+
+class ProfilePointLike(Protocol):
+    """What the engine's ``ProfilePoint`` looks like (no import: keeps this module engine-free)."""
+
+    exit_layer: int
+    prefill_ms_per_token: float
+    decode_ms_by_batch: Mapping[int, float]
+
+
+class ProfileError(ValueError):
+    """A latency profile that cannot be used; the message says why."""
+
+
+@dataclass(frozen=True)
+class ExitCost:
+    exit_layer: int
+    prefill_ms_per_token: float
+    decode_ms_by_batch: dict[int, float] = field(default_factory=dict)
+
+
+def _interpolate(xs: Sequence[int], ys: Sequence[float], x: float) -> float:
+    """Piecewise-linear through (xs, ys), extended along the first/last segment, never < 0."""
+    if len(xs) == 1:  # one measured batch size: no slope to extend, so assume a flat cost
+        return max(ys[0], 0.0)
+    i = bisect.bisect_left(xs, x)
+    i = min(max(i, 1), len(xs) - 1)
+    x0, x1, y0, y1 = xs[i - 1], xs[i], ys[i - 1], ys[i]
+    return max(y0 + (y1 - y0) * (x - x0) / (x1 - x0), 0.0)
+
+
+def _fit_line(points: Sequence[tuple[int, float]]) -> tuple[float, float]:
+    """Least-squares ``y = a + b·x`` with a, b ≥ 0 (a through-origin fit when a would be < 0)."""
+    n = len(points)
+    mean_x = sum(x for x, _ in points) / n
+    mean_y = sum(y for _, y in points) / n
+    var_x = sum((x - mean_x) ** 2 for x, _ in points)
+    if n >= 2 and var_x > 0:
+        slope = sum((x - mean_x) * (y - mean_y) for x, y in points) / var_x
+        intercept = mean_y - slope * mean_x
+        if intercept >= 0 and slope >= 0:
+            return intercept, slope
+        if slope < 0:  # deeper measured no slower: noise; treat the step as a fixed cost
+            return mean_y, 0.0
+    through_origin = sum(x * y for x, y in points) / sum(x * x for x, _ in points)
+    return 0.0, max(through_origin, 0.0)
+
+
+class LatencyProfile:
+    """Predicted prefill and decode-step times per exit, from measured points."""
+
+    def __init__(self, points: Iterable[ProfilePointLike | ExitCost]) -> None:
+        costs = [
+            ExitCost(
+                exit_layer=int(p.exit_layer),
+                prefill_ms_per_token=float(p.prefill_ms_per_token),
+                decode_ms_by_batch={int(b): float(ms) for b, ms in p.decode_ms_by_batch.items()},
+            )
+            for p in points
+        ]
+        if not costs:
+            raise ProfileError("the latency profile has no exits")
+        self._costs = {c.exit_layer: c for c in sorted(costs, key=lambda c: c.exit_layer)}
+        self.exits: tuple[int, ...] = tuple(self._costs)
+        if self.exits[0] < 1:
+            raise ProfileError(f"exit {self.exits[0]} is not a layer count ≥ 1")
+        batch_sizes = sorted({b for c in costs for b in c.decode_ms_by_batch})
+        if not batch_sizes or batch_sizes[0] < 1:
+            raise ProfileError("the latency profile has no decode batch sizes ≥ 1")
+        for c in costs:
+            if set(c.decode_ms_by_batch) != set(batch_sizes):
+                raise ProfileError(f"exit {c.exit_layer} lacks some of batch sizes {batch_sizes}")
+            values = [c.prefill_ms_per_token, *c.decode_ms_by_batch.values()]
+            if any(not v >= 0 for v in values):  # also refuses NaN
+                raise ProfileError(f"exit {c.exit_layer} has a negative or NaN time")
+        self.batch_sizes: tuple[int, ...] = tuple(batch_sizes)
+        fits = [
+            _fit_line([(k, c.decode_ms_by_batch[b]) for k, c in self._costs.items()])
+            for b in batch_sizes
+        ]
+        self._overhead = [a for a, _ in fits]
+        self._per_layer = [s for _, s in fits]
+
+    # -- single-exit predictions -------------------------------------------------------------
+    def prefill_ms(self, exit_layer: int, prompt_tokens: int) -> float:
+        return self._cost(exit_layer).prefill_ms_per_token * max(prompt_tokens, 0)
+
+    def decode_ms(self, exit_layer: int, batch_size: int) -> float:
+        """Measured step time of a batch where every row runs to ``exit_layer``."""
+        cost = self._cost(exit_layer)
+        ys = [cost.decode_ms_by_batch[b] for b in self.batch_sizes]
+        return _interpolate(self.batch_sizes, ys, max(batch_size, 1))
+
+    # -- mixed batches -----------------------------------------------------------------------
+    def overhead_ms(self, batch_size: int) -> float:
+        return _interpolate(self.batch_sizes, self._overhead, max(batch_size, 1))
+
+    def layer_ms(self, rows: int) -> float:
+        return _interpolate(self.batch_sizes, self._per_layer, rows) if rows > 0 else 0.0
+
+    def step_ms(self, row_exits: Sequence[int]) -> float:
+        """One decode step of a batch whose rows stop at ``row_exits`` (any order)."""
+        if not row_exits:
+            return 0.0
+        exits = sorted(row_exits)
+        total = self.overhead_ms(len(exits))
+        done = 0  # layers accounted for so far
+        for i, exit_layer in enumerate(exits):
+            if exit_layer > done:
+                # layers done+1..exit_layer run over the rows from i on (their exits are ≥ these)
+                total += (exit_layer - done) * self.layer_ms(len(exits) - i)
+                done = exit_layer
+        return total
+
+    # -- helpers -----------------------------------------------------------------------------
+    def _cost(self, exit_layer: int) -> ExitCost:
+        try:
+            return self._costs[exit_layer]
+        except KeyError:
+            raise ProfileError(f"{exit_layer} is not a profiled exit {list(self.exits)}") from None
+
+    def to_json(self) -> list[dict[str, Any]]:
+        return [
+            {
+                "exit_layer": c.exit_layer,
+                "prefill_ms_per_token": round(c.prefill_ms_per_token, 4),
+                "decode_ms_by_batch": {
+                    str(b): round(ms, 4) for b, ms in c.decode_ms_by_batch.items()
+                },
+            }
+            for c in self._costs.values()
+        ]
+
+    @classmethod
+    def from_json(cls, data: Any) -> LatencyProfile:
+        if not isinstance(data, list):
+            raise ProfileError("a latency profile is a JSON list of exits")
+        try:
+            return cls(
+                ExitCost(
+                    exit_layer=int(item["exit_layer"]),
+                    prefill_ms_per_token=float(item["prefill_ms_per_token"]),
+                    decode_ms_by_batch={
+                        int(b): float(ms) for b, ms in item["decode_ms_by_batch"].items()
+                    },
+                )
+                for item in data
+            )
+        except (KeyError, TypeError, AttributeError, ValueError) as exc:
+            if isinstance(exc, ProfileError):
+                raise
+            raise ProfileError(f"malformed latency profile: {exc}") from exc

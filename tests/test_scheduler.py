@@ -1,0 +1,210 @@
+"""Unit tests of the depth scheduler on synthetic latency profiles (pure Python, no torch)."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+
+import pytest
+
+from app.scheduler import (
+    DepthScheduler,
+    ExitCost,
+    LatencyProfile,
+    ProfileError,
+    SchedulerConfig,
+    SchedulingError,
+)
+
+EXITS = (3, 6, 9, 12)
+
+
+def decode_ms(k: int, b: int) -> float:
+    return 1.0 + 0.5 * k * (1 + 0.15 * (b - 1))
+
+
+def synth_profile() -> LatencyProfile:
+    return LatencyProfile(
+        ExitCost(k, 0.02 * k, {b: decode_ms(k, b) for b in (1, 2, 4, 8, 16)}) for k in EXITS
+    )
+
+
+@dataclass(frozen=True)
+class Row:
+    request_id: str
+    exit_layer: int
+    generated: int
+
+
+@dataclass(frozen=True)
+class Report:
+    now: float
+    step_seconds: float
+    rows: tuple[Row, ...]
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 100.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def make(slots: int = 4, **kw) -> tuple[DepthScheduler, Clock]:
+    clock = Clock()
+    return DepthScheduler(synth_profile(), SchedulerConfig(max_slots=slots, **kw), clock), clock
+
+
+def test_scheduler_imports_no_torch() -> None:
+    # The scheduler must stay pure Python; run in a fresh interpreter to see its own imports.
+    import subprocess
+
+    code = "import sys, app.scheduler; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_profile_homogeneous_step_matches_measurements() -> None:
+    profile = synth_profile()
+    for k in EXITS:
+        for b in (1, 2, 4, 8, 16):
+            assert profile.step_ms([k] * b) == pytest.approx(decode_ms(k, b), rel=1e-6)
+            assert profile.decode_ms(k, b) == pytest.approx(decode_ms(k, b))
+    # interpolation between measured batch sizes
+    assert profile.decode_ms(12, 3) == pytest.approx((decode_ms(12, 2) + decode_ms(12, 4)) / 2)
+    assert profile.prefill_ms(6, 100) == pytest.approx(12.0)
+
+
+def test_profile_mixed_batch_costs_between_its_homogeneous_bounds() -> None:
+    profile = synth_profile()
+    mixed = profile.step_ms([3, 12])
+    assert profile.step_ms([3, 3]) < mixed < profile.step_ms([12, 12])
+    # a shallow row beside a deep one adds little: the deep row sets the step's length
+    assert mixed - profile.step_ms([12]) < profile.step_ms([3])
+
+
+def test_profile_json_round_trip_and_errors() -> None:
+    profile = synth_profile()
+    again = LatencyProfile.from_json(profile.to_json())
+    assert again.exits == EXITS
+    assert again.step_ms([3, 9, 12]) == pytest.approx(profile.step_ms([3, 9, 12]), rel=1e-3)
+    with pytest.raises(ProfileError):
+        LatencyProfile([])
+    with pytest.raises(ProfileError):
+        LatencyProfile.from_json([{"exit_layer": 3}])
+    with pytest.raises(ProfileError):
+        LatencyProfile([ExitCost(3, -1.0, {1: 1.0})])
+    with pytest.raises(ProfileError):
+        LatencyProfile([ExitCost(3, 0.1, {1: 1.0}), ExitCost(6, 0.1, {2: 1.0})])
+
+
+def test_idle_prediction_is_prefill_plus_decode_steps() -> None:
+    sched, _ = make()
+    d = sched.decide(prompt_tokens=50, max_new_tokens=11)
+    assert d.exit_layer == 12 and d.reason == "no_budget" and d.budget_ms is None
+    assert d.predicted_ms == pytest.approx(50 * 0.02 * 12 + 10 * decode_ms(12, 1))
+    assert d.expected_queue_ms == 0 and d.expected_batch_size == 1
+
+
+def test_large_budget_gets_deepest_exit() -> None:
+    sched, _ = make()
+    d = sched.decide(prompt_tokens=20, max_new_tokens=32, budget_ms=10_000)
+    assert d.exit_layer == 12 and d.feasible and d.reason == "budget"
+
+
+def test_impossible_budget_gets_shallowest_and_is_flagged() -> None:
+    sched, _ = make()
+    d = sched.decide(prompt_tokens=20, max_new_tokens=32, budget_ms=0.5)
+    assert d.exit_layer == 3
+    assert not d.feasible and d.predicted_ms > 0.5
+
+
+def test_budget_picks_deepest_exit_that_fits() -> None:
+    sched, _ = make()
+    # idle, 21 new tokens: 20 steps; exit 6 costs 20 × 4 ms = 80 ms (+ 2.4 prefill), exit 9 ~112 ms
+    d = sched.decide(prompt_tokens=20, max_new_tokens=21, budget_ms=100 / 0.9)
+    assert d.exit_layer == 6 and d.feasible
+    assert d.predicted_ms <= 100
+
+
+def test_no_budget_runs_deepest_and_exit_layer_overrides() -> None:
+    sched, _ = make()
+    assert sched.decide(10, 10).exit_layer == 12
+    d = sched.decide(10, 10, exit_layer=6)
+    assert d.exit_layer == 6 and d.reason == "exit_layer"
+    with pytest.raises(SchedulingError):
+        sched.decide(10, 10, exit_layer=5)
+    with pytest.raises(SchedulingError):
+        sched.decide(10, 10, budget_ms=0)
+
+
+def test_more_load_gives_shallower_exits() -> None:
+    sched, clock = make(slots=4)
+    budget = 400.0
+    idle = sched.decide(prompt_tokens=20, max_new_tokens=40, budget_ms=budget)
+    # three deep requests start decoding: a bigger batch, each step slower
+    for i in range(3):
+        sched.admit(f"r{i}", 20, 200, exit_layer=12)
+    sched.on_step(Report(clock(), 0.0, tuple(Row(f"r{i}", 12, 1) for i in range(3))))
+    busy = sched.decide(prompt_tokens=20, max_new_tokens=40, budget_ms=budget)
+    # slots full and a queue: the wait alone eats most of the budget
+    for i in range(3, 6):
+        sched.admit(f"r{i}", 20, 200, exit_layer=12)
+    full = sched.decide(prompt_tokens=20, max_new_tokens=40, budget_ms=budget)
+    assert idle.exit_layer > busy.exit_layer
+    assert busy.expected_batch_size == 4 and busy.expected_queue_ms < full.expected_queue_ms
+    assert full.exit_layer == 3 and not full.feasible
+    assert sched.expected_wait_ms() > 0
+
+
+def test_late_requests_are_lowered_monotonically_and_never_raised() -> None:
+    sched, clock = make(slots=4)
+    sched.admit("late", 10, 50, budget_ms=400.0)
+    sched.admit("free", 10, 50)  # no budget: never touched
+    assert sched.exits_of(["late"])["late"] == 12
+    seen = [12]
+    for step in range(1, 50):
+        clock.t += 0.012  # each step takes ~2× the profile's prediction: the request falls behind
+        exits = sched.exits_of(["late", "free"])
+        rows = (Row("late", exits["late"], step), Row("free", 12, step))
+        changes = sched.on_step(Report(clock.t, 0.012, rows))
+        assert "free" not in changes
+        if "late" in changes:
+            assert changes["late"] < seen[-1]
+            seen.append(changes["late"])
+    assert seen == sorted(seen, reverse=True) and len(seen) > 1
+    assert seen[-1] == 3
+
+
+def test_on_time_requests_are_not_lowered() -> None:
+    sched, clock = make(slots=4)
+    sched.admit("ok", 10, 20, budget_ms=10_000.0)
+    for step in range(1, 20):
+        clock.t += 0.005
+        assert sched.on_step(Report(clock.t, 0.005, (Row("ok", 12, step),))) == {}
+
+
+def test_ewma_learns_slower_steps_and_prefers_shallower_exits() -> None:
+    sched, clock = make(slots=4, alpha=0.3)
+    before = sched.decide(20, 21, budget_ms=120.0)
+    sched.admit("x", 20, 1000)
+    for step in range(1, 30):
+        clock.t += 2 * decode_ms(12, 1) / 1000
+        sched.on_step(Report(clock.t, 2 * decode_ms(12, 1) / 1000, (Row("x", 12, step),)))
+    sched.finish("x")
+    assert sched.snapshot()["step_correction"] == pytest.approx(2.0, rel=0.05)
+    after = sched.decide(20, 21, budget_ms=120.0)
+    assert after.exit_layer < before.exit_layer
+
+
+def test_finish_forgets_and_learns_prefill() -> None:
+    sched, _ = make(alpha=0.5)
+    sched.admit("a", 100, 10)
+    assert sched.snapshot()["tracked_requests"] == 1
+    sched.finish("a", queue_ms=0.0, ttft_ms=2 * 100 * 0.02 * 12)
+    assert sched.snapshot()["tracked_requests"] == 0
+    assert sched.snapshot()["prefill_correction"] == pytest.approx(1.5)
+    with pytest.raises(SchedulingError):
+        sched.admit("b", 1, 1)
+        sched.admit("b", 1, 1)
