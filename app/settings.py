@@ -38,4 +38,11 @@ class Settings(BaseSettings):
     drain_timeout_s: float = Field(30.0, ge=0, description="how long in-flight work may finish")
     profile_cache_dir: Path = Field(default_factory=default_cache_dir)
     profile_batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16)
+    reprofile: bool = Field(False, description="measure the latency profile even when cached")
+    budget_headroom: float = Field(
+        0.9, gt=0, le=1, description="pick exits predicted to finish within budget_ms × this"
+    )
+    budget_recheck: float = Field(
+        1.0, gt=0, description="lower a running request once its projection passes budget × this"
+    )
     log_level: str = "info"

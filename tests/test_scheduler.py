@@ -42,6 +42,14 @@ class Report:
     step_seconds: float
     rows: tuple[Row, ...]
 
+    @property
+    def batch_size(self) -> int:
+        return len(self.rows)
+
+    @property
+    def deepest_exit(self) -> int:
+        return max(r.exit_layer for r in self.rows)
+
 
 class Clock:
     def __init__(self) -> None:
@@ -208,3 +216,33 @@ def test_finish_forgets_and_learns_prefill() -> None:
     with pytest.raises(SchedulingError):
         sched.admit("b", 1, 1)
         sched.admit("b", 1, 1)
+
+
+def test_online_model_learns_per_cell_scale_and_gap_between_steps() -> None:
+    sched, clock = make(slots=4, alpha=0.2, cell_samples=4)
+    model = sched.latency
+    sched.admit("a", 10, 1000, exit_layer=6)
+    sched.admit("b", 10, 1000, exit_layer=6)
+    for step in range(1, 40):
+        # the steps themselves take 3× the profile; 2 ms pass between steps (prefills, etc.)
+        seconds = 3 * decode_ms(6, 2) / 1000
+        clock.t += seconds + 0.002
+        rows = (Row("a", 6, step), Row("b", 6, step))
+        sched.on_step(Report(clock.t, seconds, rows))
+    assert model.scale([6, 6]) == pytest.approx(3.0, rel=0.05)
+    assert model.snapshot()["gap_ms"] == pytest.approx(2.0, rel=0.05)
+    assert model.token_ms([6, 6]) == pytest.approx(3 * decode_ms(6, 2) + 2.0, rel=0.05)
+    # a cell never seen falls back to the global correction
+    assert model.scale([12]) == pytest.approx(model.snapshot()["step_correction"], rel=1e-3)
+
+
+def test_finished_rows_stop_counting_as_load() -> None:
+    sched, clock = make(slots=2)
+    sched.admit("a", 10, 500, exit_layer=12)
+    sched.admit("b", 10, 500, exit_layer=12)
+    clock.t += 0.01
+    sched.on_step(Report(clock.t, 0.01, (Row("a", 12, 1), Row("b", 12, 1))))
+    busy = sched.expected_wait_ms()
+    clock.t += 0.01
+    sched.on_step(Report(clock.t, 0.01, (Row("a", 12, 2),)))  # b left the batch
+    assert busy > 0 and sched.expected_wait_ms() < busy / 10

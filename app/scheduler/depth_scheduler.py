@@ -25,25 +25,12 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
+from app.scheduler.online import StepLatencyModel, StepReportLike
 from app.scheduler.profile import LatencyProfile
 
 logger = logging.getLogger(__name__)
-
-
-class RowLike(Protocol):
-    request_id: str
-    exit_layer: int
-    generated: int
-
-
-class StepReportLike(Protocol):
-    """What the engine's ``StepReport`` looks like (see app/engine/types.py)."""
-
-    now: float
-    step_seconds: float
-    rows: Sequence[RowLike]
 
 
 class SchedulingError(ValueError):
@@ -72,7 +59,8 @@ class _Plan:
     budget_ms: float | None
     exit_layer: int  # current exit
     lowerable: bool  # only budgeted requests are ever lowered
-    started: bool = False
+    started: bool = False  # seen in a step report
+    gone: bool = False  # left the batch (finished in the engine; finish() comes soon)
     generated: int = 0
 
 
@@ -83,12 +71,7 @@ class SchedulerConfig:
     recheck: float = 1.0  # lower a running request once its projection passes budget × recheck
     alpha: float = 0.1  # EWMA weight of each new measurement
     prefill_emits_token: bool = True  # the prefill forward yields the first new token
-    min_scale: float = 0.2
-    max_scale: float = 5.0
-
-
-def _ewma(old: float, sample: float, alpha: float, lo: float, hi: float) -> float:
-    return (1 - alpha) * old + alpha * min(max(sample, lo), hi)
+    cell_samples: int = 8  # steps seen in a (deepest exit, batch size) cell before it counts
 
 
 class DepthScheduler:
@@ -106,9 +89,9 @@ class DepthScheduler:
         self._clock = clock
         self._lock = threading.Lock()
         self._plans: dict[str, _Plan] = {}  # insertion order = arrival order
-        self._step_scale = 1.0
-        self._prefill_scale = 1.0
-        self._last_step: tuple[float, frozenset[str]] | None = None
+        self.latency = StepLatencyModel(
+            profile, alpha=self.config.alpha, cell_samples=self.config.cell_samples
+        )
         self.steps_seen = 0
 
     # -- arrival -----------------------------------------------------------------------------
@@ -183,17 +166,11 @@ class DepthScheduler:
     def _decode_steps(self, max_new_tokens: int) -> int:
         return max(max_new_tokens - (1 if self.config.prefill_emits_token else 0), 0)
 
-    def _step_ms(self, row_exits: Sequence[int]) -> float:
-        return self.profile.step_ms(row_exits) * self._step_scale
-
-    def _prefill_ms(self, exit_layer: int, prompt_tokens: int) -> float:
-        return self.profile.prefill_ms(exit_layer, prompt_tokens) * self._prefill_scale
-
     def _predict(
         self, k: int, prompt_tokens: int, max_new_tokens: int, wait_ms: float, co_exits: list[int]
     ) -> float:
-        decode = self._decode_steps(max_new_tokens) * self._step_ms([*co_exits, k])
-        return wait_ms + self._prefill_ms(k, prompt_tokens) + decode
+        decode = self._decode_steps(max_new_tokens) * self.latency.token_ms([*co_exits, k])
+        return wait_ms + self.latency.prefill_ms(k, prompt_tokens) + decode
 
     def _load_picture(self) -> tuple[float, list[int]]:
         """Expected wait before a new request's prefill, and the exits it will share a batch with.
@@ -201,21 +178,23 @@ class DepthScheduler:
         Slots are simulated: running requests free theirs after their remaining steps, waiting
         requests take free slots in arrival order (their prefills run before ours).
         """
-        running = [p for p in self._plans.values() if p.started]
+        running = [p for p in self._plans.values() if p.started and not p.gone]
         waiting = [p for p in self._plans.values() if not p.started]
         slots = self.config.max_slots
         batch_exits = [p.exit_layer for p in running + waiting][: max(slots - 1, 0)]
-        step = self._step_ms([p.exit_layer for p in running] or batch_exits)
+        step = self.latency.token_ms([p.exit_layer for p in running] or batch_exits)
         free_at = [(p.max_new_tokens - p.generated) * step for p in running][:slots]
         free_at += [0.0] * (slots - len(free_at))
         heapq.heapify(free_at)
         prefills = 0.0
         for p in waiting:
             start = heapq.heappop(free_at)
-            prefill = self._prefill_ms(p.exit_layer, p.prompt_tokens)
+            prefill = self.latency.prefill_ms(p.exit_layer, p.prompt_tokens)
             prefills += prefill
             heapq.heappush(free_at, start + prefill + self._decode_steps(p.max_new_tokens) * step)
-        return free_at[0] + prefills, batch_exits
+        # a newcomer also waits for the step in progress to end (half of one, on average)
+        in_progress = step / 2 if running else 0.0
+        return free_at[0] + prefills + in_progress, batch_exits
 
     def expected_wait_ms(self) -> float:
         """How long a request arriving now would wait for a slot (used for ``Retry-After``)."""
@@ -229,62 +208,48 @@ class DepthScheduler:
         """Forget a request; its measured prefill (ttft − queue) corrects the prefill estimate."""
         with self._lock:
             plan = self._plans.pop(request_id, None)
-            if plan is None or queue_ms is None or ttft_ms is None:
-                return
-            predicted = self.profile.prefill_ms(plan.exit_layer, plan.prompt_tokens)
-            if predicted > 0.05 and ttft_ms >= queue_ms:
-                cfg = self.config
-                sample = (ttft_ms - queue_ms) / predicted
-                self._prefill_scale = _ewma(
-                    self._prefill_scale, sample, cfg.alpha, cfg.min_scale, cfg.max_scale
-                )
+            if plan is not None and queue_ms is not None and ttft_ms is not None:
+                self.latency.learn_prefill(plan.exit_layer, plan.prompt_tokens, ttft_ms - queue_ms)
 
     # -- every decode step (engine thread) ---------------------------------------------------
     def on_step(self, report: StepReportLike) -> dict[str, int]:
         """Learn from the step, then lower the exits of requests that fall behind their budget."""
         with self._lock:
             self.steps_seen += 1
-            ids = frozenset(r.request_id for r in report.rows)
-            for row in report.rows:
-                plan = self._plans.get(row.request_id)
-                if plan is not None:
+            rows = {row.request_id: row for row in report.rows}
+            for plan in self._plans.values():
+                row = rows.get(plan.request_id)
+                if row is not None:
                     plan.started = True
                     plan.generated = row.generated
                     plan.exit_layer = min(plan.exit_layer, row.exit_layer)
-            self._learn_step(report, ids)
+                elif plan.started:
+                    plan.gone = True
+            self.latency.learn_step(report)
             return self._recheck(report.now)
-
-    def _learn_step(self, report: StepReportLike, ids: frozenset[str]) -> None:
-        # Consecutive steps that share a row: the interval between them is the per-token latency
-        # those rows saw (prefills of newcomers included). Otherwise only the step itself counts.
-        seconds = report.step_seconds
-        if self._last_step is not None and ids & self._last_step[1]:
-            seconds = max(report.now - self._last_step[0], seconds)
-        self._last_step = (report.now, ids)
-        predicted = self.profile.step_ms([r.exit_layer for r in report.rows])
-        if predicted > 0 and seconds > 0:
-            cfg = self.config
-            sample = seconds * 1000 / predicted
-            self._step_scale = _ewma(
-                self._step_scale, sample, cfg.alpha, cfg.min_scale, cfg.max_scale
-            )
 
     def _recheck(self, now: float) -> dict[str, int]:
         shallowest = self.exits[0]
         budgeted = [
             p
             for p in self._plans.values()
-            if p.started and p.lowerable and p.budget_ms is not None and p.exit_layer > shallowest
+            if p.started
+            and not p.gone
+            and p.lowerable
+            and p.budget_ms is not None
+            and p.exit_layer > shallowest
         ]
         if not budgeted:
             return {}
-        exits = {p.request_id: p.exit_layer for p in self._plans.values() if p.started}
+        exits = {
+            p.request_id: p.exit_layer for p in self._plans.values() if p.started and not p.gone
+        }
 
         def projected(plan: _Plan, budget_ms: float, step_ms: float) -> float:
             remaining = max(plan.max_new_tokens - plan.generated, 0)
             return (now - plan.arrival) * 1000 + remaining * step_ms - budget_ms
 
-        step_now = self._step_ms(list(exits.values()))
+        step_now = self.latency.token_ms(list(exits.values()))
         late = []
         for plan in budgeted:
             budget = plan.budget_ms * self.config.recheck  # type: ignore[operator]
@@ -300,7 +265,7 @@ class DepthScheduler:
                 (
                     k
                     for k in reversed(shallower)
-                    if projected(plan, target, self._step_ms([*others, k])) <= 0
+                    if projected(plan, target, self.latency.token_ms([*others, k])) <= 0
                 ),
                 shallower[0],
             )
@@ -314,8 +279,7 @@ class DepthScheduler:
     def snapshot(self) -> dict[str, Any]:
         with self._lock:
             return {
-                "step_correction": round(self._step_scale, 4),
-                "prefill_correction": round(self._prefill_scale, 4),
+                **self.latency.snapshot(),
                 "tracked_requests": len(self._plans),
                 "steps_seen": self.steps_seen,
                 "headroom": self.config.headroom,

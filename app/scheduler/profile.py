@@ -6,9 +6,9 @@ exit is ≥ *l*, so a batch that mixes exits is modelled per layer::
 
     step_ms(rows) = overhead_ms(len(rows)) + Σ_{l=1..deepest} layer_ms(rows still running at l)
 
-``overhead_ms(b)`` and ``layer_ms(b)`` come from a least-squares line through the measured
-homogeneous steps ``decode_ms(exit, b) ≈ overhead_ms(b) + exit × layer_ms(b)`` at each measured
-batch size, interpolated linearly between batch sizes (and extended along the last segment).
+``overhead_ms(b)`` and ``layer_ms(b)`` come from a robust line (repeated median) through the
+measured homogeneous steps ``decode_ms(exit, b) ≈ overhead_ms(b) + exit × layer_ms(b)`` at each
+measured batch size, interpolated linearly between batch sizes (extended along the last segment).
 """
 
 from __future__ import annotations
@@ -48,21 +48,29 @@ def _interpolate(xs: Sequence[int], ys: Sequence[float], x: float) -> float:
     return max(y0 + (y1 - y0) * (x - x0) / (x1 - x0), 0.0)
 
 
+def _median(values: Sequence[float]) -> float:
+    ordered = sorted(values)
+    mid = len(ordered) // 2
+    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+
+
 def _fit_line(points: Sequence[tuple[int, float]]) -> tuple[float, float]:
-    """Least-squares ``y = a + b·x`` with a, b ≥ 0 (a through-origin fit when a would be < 0)."""
-    n = len(points)
-    mean_x = sum(x for x, _ in points) / n
-    mean_y = sum(y for _, y in points) / n
-    var_x = sum((x - mean_x) ** 2 for x, _ in points)
-    if n >= 2 and var_x > 0:
-        slope = sum((x - mean_x) * (y - mean_y) for x, y in points) / var_x
-        intercept = mean_y - slope * mean_x
-        if intercept >= 0 and slope >= 0:
-            return intercept, slope
-        if slope < 0:  # deeper measured no slower: noise; treat the step as a fixed cost
-            return mean_y, 0.0
-    through_origin = sum(x * y for x, y in points) / sum(x * x for x, _ in points)
-    return 0.0, max(through_origin, 0.0)
+    """A robust ``y = a + b·x`` with a, b ≥ 0: Siegel's repeated median.
+
+    Start-up measurements on a busy machine have outliers (one step caught behind another
+    process); a repeated median ignores up to half of the points being wrong, least squares not.
+    """
+    if len(points) == 1:
+        x, y = points[0]
+        return 0.0, max(y / x, 0.0)
+    slopes = [
+        _median([(yj - yi) / (xj - xi) for xj, yj in points if xj != xi]) for xi, yi in points
+    ]
+    slope = max(_median(slopes), 0.0)
+    intercept = _median([y - slope * x for x, y in points])
+    if intercept < 0:  # a line through the origin instead
+        return 0.0, max(_median([y / x for x, y in points]), 0.0)
+    return intercept, slope
 
 
 class LatencyProfile:

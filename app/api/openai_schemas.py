@@ -1,0 +1,109 @@
+"""Request bodies of the OpenAI-compatible routes (``/v1/completions``, ``/v1/chat/completions``).
+
+Follows OpenAI's field names and defaults (``max_tokens`` 16 for completions, ``temperature`` 1),
+ignores fields that clients send by habit (``user``, ``logit_bias`` when empty, ...), refuses with
+422 the options that would silently change the meaning (``n`` > 1, ``logprobs``, tools, penalties),
+and takes SortedServe's extensions ``budget_ms``, ``exit_layer`` and ``top_k``
+(``extra_body`` in the official client).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from app.api.schemas import SEED_MAX, StopString
+
+
+class OpenAIModel(BaseModel):
+    # unknown fields are ignored: OpenAI clients and SDKs add their own
+    model_config = ConfigDict(extra="ignore", strict=True, allow_inf_nan=False)
+
+
+class StreamOptions(OpenAIModel):
+    include_usage: bool = False
+
+
+class _Common(OpenAIModel):
+    model: str | None = Field(None, description="any name is accepted; the served model answers")
+    temperature: float = Field(1.0, ge=0, le=2)
+    top_p: float = Field(1.0, gt=0, le=1)
+    n: int = Field(1, ge=1, le=1, description="only 1 is supported")
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: StopString | Annotated[list[StopString], Field(max_length=4)] | None = None
+    seed: int | None = Field(None, ge=0, le=SEED_MAX)
+    presence_penalty: float = Field(0.0, ge=0, le=0, description="not supported: must be 0")
+    frequency_penalty: float = Field(0.0, ge=0, le=0, description="not supported: must be 0")
+    logprobs: Any = Field(None, description="not supported")
+    user: str | None = None
+    # SortedServe extensions
+    budget_ms: float | None = Field(None, gt=0, description="SortedServe: latency budget")
+    exit_layer: int | None = Field(None, ge=1, description="SortedServe: force a trained exit")
+    top_k: int = Field(0, ge=0, description="SortedServe: top-k sampling, 0 is off")
+
+    @model_validator(mode="after")
+    def _supported(self) -> _Common:
+        if self.logprobs not in (None, False, 0):
+            raise ValueError("logprobs is not supported")
+        if self.exit_layer is not None and self.budget_ms is not None:
+            raise ValueError("exit_layer cannot be combined with budget_ms (the budget chooses)")
+        return self
+
+
+class CompletionRequest(_Common):
+    prompt: str | Annotated[list[str], Field(min_length=1, max_length=1)] = Field(
+        description="one prompt (a string, or a list holding one string)"
+    )
+    max_tokens: int | None = Field(16, ge=1)
+    echo: bool = Field(False, description="not supported: must be false")
+    best_of: int | None = Field(None, ge=1, le=1)
+    suffix: str | None = Field(None, max_length=0, description="not supported")
+
+    @model_validator(mode="after")
+    def _no_echo(self) -> CompletionRequest:
+        if self.echo:
+            raise ValueError("echo is not supported")
+        return self
+
+    @property
+    def prompt_text(self) -> str:
+        return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
+
+
+class TextPart(OpenAIModel):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(OpenAIModel):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+
+    def as_template_message(self) -> dict[str, str]:
+        if isinstance(self.content, list):
+            text = "".join(part.text for part in self.content)
+        else:
+            text = self.content or ""
+        role = "system" if self.role == "developer" else self.role
+        return {"role": role, "content": text}
+
+
+class ChatCompletionRequest(_Common):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1, description="deprecated by OpenAI; still accepted")
+    max_completion_tokens: int | None = Field(None, ge=1)
+    tools: list[Any] | None = Field(None, max_length=0, description="not supported")
+    response_format: dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _plain_text_only(self) -> ChatCompletionRequest:
+        if self.response_format not in (None, {"type": "text"}):
+            raise ValueError("response_format other than text is not supported")
+        return self
+
+    @property
+    def max_new_tokens(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens else self.max_tokens

@@ -1,0 +1,1 @@
+"""HTTP routers: generate (native), openai (compatible), ops (health, ready, info, metrics)."""

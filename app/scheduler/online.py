@@ -1,0 +1,123 @@
+"""Online correction of the latency profile from the engine's measured decode steps.
+
+The per-token latency a running request sees is one decode step plus the gap before the next one
+(prefills of newcomers, bookkeeping)::
+
+    token_ms(batch) = profile.step_ms(batch) × scale(deepest exit, batch size) + gap_ms
+
+``scale`` is an EWMA of measured/predicted step time, kept per (deepest exit, batch size) cell
+once that cell has been seen often enough, else one global EWMA; ``gap_ms`` is an EWMA of the time
+between consecutive steps that share a row, minus the step itself. Pure Python; not thread-safe on
+its own (the depth scheduler holds the lock).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from app.scheduler.profile import LatencyProfile
+
+
+class RowLike(Protocol):
+    request_id: str
+    exit_layer: int
+    generated: int
+
+
+class StepReportLike(Protocol):
+    """What the engine's ``StepReport`` looks like (see app/engine/types.py)."""
+
+    now: float
+    step_seconds: float
+    batch_size: int
+    deepest_exit: int
+    rows: Sequence[RowLike]
+
+
+@dataclass
+class _Ewma:
+    value: float
+    samples: int = 0
+
+    def add(self, sample: float, alpha: float) -> None:
+        # the first samples weigh more, so that a cell converges quickly from its prior
+        weight = max(alpha, 1.0 / (self.samples + 2))
+        self.value += weight * (sample - self.value)
+        self.samples += 1
+
+
+class StepLatencyModel:
+    def __init__(
+        self,
+        profile: LatencyProfile,
+        alpha: float = 0.1,
+        min_scale: float = 0.2,
+        max_scale: float = 5.0,
+        cell_samples: int = 8,
+    ) -> None:
+        self.profile = profile
+        self.alpha = alpha
+        self.min_scale = min_scale
+        self.max_scale = max_scale
+        self.cell_samples = cell_samples
+        self._scale = _Ewma(1.0)
+        self._cells: dict[tuple[int, int], _Ewma] = {}
+        self._gap = _Ewma(0.0)
+        self._prefill = _Ewma(1.0)
+        self._last: tuple[float, frozenset[str]] | None = None
+
+    # -- predictions ---------------------------------------------------------------------------
+    def scale(self, row_exits: Sequence[int]) -> float:
+        cell = self._cells.get((max(row_exits), len(row_exits))) if row_exits else None
+        if cell is not None and cell.samples >= self.cell_samples:
+            return cell.value
+        return self._scale.value
+
+    def step_ms(self, row_exits: Sequence[int]) -> float:
+        return self.profile.step_ms(row_exits) * self.scale(row_exits) if row_exits else 0.0
+
+    def token_ms(self, row_exits: Sequence[int]) -> float:
+        """Time between two tokens of a request running in this batch."""
+        return self.step_ms(row_exits) + self._gap.value if row_exits else 0.0
+
+    def prefill_ms(self, exit_layer: int, prompt_tokens: int) -> float:
+        return self.profile.prefill_ms(exit_layer, prompt_tokens) * self._prefill.value
+
+    # -- learning --------------------------------------------------------------------------------
+    def _clamp(self, ratio: float) -> float:
+        return min(max(ratio, self.min_scale), self.max_scale)
+
+    def learn_step(self, report: StepReportLike) -> None:
+        # Rows that finished in this step are gone from report.rows; they count as deepest.
+        exits = [r.exit_layer for r in report.rows]
+        exits += [report.deepest_exit] * max(report.batch_size - len(exits), 0)
+        predicted = self.profile.step_ms(exits)
+        if predicted > 0 and report.step_seconds > 0:
+            ratio = self._clamp(report.step_seconds * 1000 / predicted)
+            self._scale.add(ratio, self.alpha)
+            key = (max(exits), len(exits))
+            self._cells.setdefault(key, _Ewma(self._scale.value)).add(ratio, self.alpha)
+        ids = frozenset(r.request_id for r in report.rows)
+        if self._last is not None and ids & self._last[1]:
+            gap_ms = (report.now - self._last[0] - report.step_seconds) * 1000
+            self._gap.add(max(gap_ms, 0.0), self.alpha)
+        self._last = (report.now, ids)
+
+    def learn_prefill(self, exit_layer: int, prompt_tokens: int, measured_ms: float) -> None:
+        predicted = self.profile.prefill_ms(exit_layer, prompt_tokens)
+        if predicted > 0.05 and measured_ms >= 0:
+            self._prefill.add(self._clamp(measured_ms / predicted), self.alpha)
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "step_correction": round(self._scale.value, 4),
+            "step_correction_cells": {
+                f"{k}x{b}": round(c.value, 3)
+                for (k, b), c in sorted(self._cells.items())
+                if c.samples >= self.cell_samples
+            },
+            "gap_ms": round(self._gap.value, 4),
+            "prefill_correction": round(self._prefill.value, 4),
+        }
