@@ -24,7 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, object]]:
     parser = argparse.ArgumentParser(
         prog="python -m app",
-        description="SortedServe: serve a Sorted-Fine-Tuned model with per-request latency budgets.",
+        description="SortedServe: serve a Sorted-Fine-Tuned model with per-request latency budgets",
     )
     parser.add_argument("--log-level", default="INFO", help="logging level (default: INFO)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
