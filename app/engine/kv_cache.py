@@ -1,0 +1,107 @@
+"""The KV cache: one preallocated, contiguous slot per running request, per layer.
+
+Layout: ``k[layer]`` and ``v[layer]`` are ``[max_slots, kv_heads, max_seq_len, head_dim]`` views
+of two tensors allocated once at start-up. A slot is a *row*; the engine keeps the running requests
+in rows ``0..n-1`` ordered by exit, deepest first, so layer ``l`` works on the prefix of rows whose
+exit is deeper than ``l``: a plain slice, no gather, no copy. A request's row only ever receives
+the layers up to its exit; the deeper layers of that row are stale and never read.
+
+Why contiguous and not paged: the served models are small and the context is bounded
+(``max_seq_len``), so reserving the whole context per slot costs little memory
+(``2 * layers * slots * kv_heads * max_seq_len * head_dim`` elements) and buys the simplest and
+fastest decode step: per-layer prefix views, per-row lengths handled by a mask, and static shapes
+that CUDA graphs can capture later. Paging pays off when contexts are long and their lengths vary
+a lot (memory is then the limit); it would need a block table and a gather in every attention call,
+which is pure overhead at this scale. The price of the row order is a copy when a request joins,
+leaves or moves to a shallower exit; :func:`plan_rows` keeps those copies to at most a few rows per
+change, and only the layers and positions in use are copied.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+
+class KVCache:
+    def __init__(
+        self,
+        num_layers: int,
+        max_slots: int,
+        num_kv_heads: int,
+        max_seq_len: int,
+        head_dim: int,
+        device: str | torch.device,
+        dtype: torch.dtype,
+    ) -> None:
+        shape = (num_layers, max_slots, num_kv_heads, max_seq_len, head_dim)
+        # Zeros, not empty: masked positions still enter the attention product, and an
+        # uninitialised NaN there would poison the softmax-weighted sum.
+        self._k = torch.zeros(shape, device=device, dtype=dtype)
+        self._v = torch.zeros(shape, device=device, dtype=dtype)
+        self.k: list[torch.Tensor] = list(self._k.unbind(0))
+        self.v: list[torch.Tensor] = list(self._v.unbind(0))
+        # The same memory as [slots * kv_heads * max_seq_len, head_dim]: a decode step writes its
+        # new keys and values with one index_copy_ per layer (see flat_index).
+        self.k_flat = [k.view(-1, head_dim) for k in self.k]
+        self.v_flat = [v.view(-1, head_dim) for v in self.v]
+        self.num_kv_heads = num_kv_heads
+        self.max_slots = max_slots
+        self.max_seq_len = max_seq_len
+
+    @property
+    def nbytes(self) -> int:
+        return self._k.nbytes + self._v.nbytes
+
+    def flat_index(self, rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Rows of ``k_flat`` for each (row, kv head) at ``positions``: ``[n * kv_heads]``,
+        row-major, so the first ``m * kv_heads`` entries serve the first ``m`` rows."""
+        heads = torch.arange(self.num_kv_heads, device=rows.device)
+        return (
+            (rows[:, None] * self.num_kv_heads + heads) * self.max_seq_len + positions[:, None]
+        ).flatten()
+
+    def move_rows(self, moves: Sequence[tuple[int, int, int]], length: int) -> None:
+        """Apply ``(src_row, dst_row, exit)`` moves at once (a permutation may swap rows).
+
+        Only layers below each row's exit and positions below ``length`` are copied.
+        """
+        if not moves:
+            return
+        device = self._k.device
+        deepest = max(exit_layer for _, _, exit_layer in moves)
+        for layer in range(deepest):
+            sel = [(s, d) for s, d, e in moves if e > layer]
+            src = torch.tensor([s for s, _ in sel], device=device)
+            dst = torch.tensor([d for _, d in sel], device=device)
+            for cache in (self.k[layer], self.v[layer]):
+                # Advanced indexing on the right makes a copy first, so overlapping moves are safe.
+                cache[dst, :, :length] = cache[src, :, :length]
+
+
+def plan_rows(current: Sequence[int], exits: Sequence[int]) -> list[int]:
+    """New rows for requests now in rows ``current`` with ``exits``: grouped by exit, deepest first.
+
+    The result fills rows ``0..n-1``; a request keeps its row when the row already lies inside its
+    exit group's range, so a join, a leave or a lowered exit moves at most one row per exit group.
+    """
+    n = len(current)
+    order = sorted(range(n), key=lambda i: -exits[i])
+    ranges: dict[int, tuple[int, int]] = {}
+    for rank, i in enumerate(order):
+        start, _ = ranges.get(exits[i], (rank, rank))
+        ranges[exits[i]] = (start, rank + 1)
+    new = [-1] * n
+    taken: set[int] = set()
+    for i in range(n):
+        start, end = ranges[exits[i]]
+        if start <= current[i] < end:
+            new[i] = current[i]
+            taken.add(current[i])
+    for exit_layer, (start, end) in ranges.items():
+        free = iter(r for r in range(start, end) if r not in taken)
+        for i in range(n):
+            if exits[i] == exit_layer and new[i] < 0:
+                new[i] = next(free)
+    return new
