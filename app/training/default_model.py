@@ -27,6 +27,7 @@ INSTRUCTION_FILES = (
     "lima/lima.json",
     "dolly_subset/dolly_151.json",
 )
+CHECKPOINT_NAMES = {"soft": "default", "sft": "default-sft"}
 TEXT_FILES = ("tinystories/tinystories_val_subset.txt", "tinyshakespeare/input.txt")
 
 
@@ -64,6 +65,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="torch CPU threads (1 is fastest on a 2-core machine that is doing other work)",
     )
     p.add_argument("--save-dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    p.add_argument(
+        "--methods",
+        default="soft,sft",
+        help="which fine-tunes to run from the base: soft, sft or both (default soft,sft); "
+        "two processes with one method each may run side by side",
+    )
     p.add_argument(
         "--stage",
         choices=["all", "pretrain", "finetune"],
@@ -108,15 +115,19 @@ def build(args: argparse.Namespace) -> int:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, set_seed
 
+    from app.model_store import read_sorted_meta, write_sorted_meta
     from app.training.data import encode_records, pack_text, save_alpaca, split_held_out
     from app.training.evaluate import format_table
+    from app.training.model_card import write_model_card
     from app.training.soft import parse_exits
     from app.training.tokenizer import train_bpe_tokenizer
     from app.training.train import TrainOptions, run_trainer, save_checkpoint
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    t_start = time.perf_counter()
+    machine = f"{platform.machine()}, {torch.get_num_threads()} torch threads, " + (
+        f"CUDA {torch.cuda.get_device_name()}" if torch.cuda.is_available() else "CPU"
+    )
     timings: dict[str, float] = {}
     records = _records(args.data)
     train_records, held = split_held_out(records, args.held_out)
@@ -182,8 +193,12 @@ def build(args: argparse.Namespace) -> int:
     exits = parse_exits(args.exits, None, args.layers)
     train_examples = encode_records(tokenizer, train_records, args.max_len)
     eval_examples = encode_records(tokenizer, held, args.max_len)
-    results = {}
-    for method, name in (("soft", "default"), ("sft", "default-sft")):
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = set(methods) - set(CHECKPOINT_NAMES)
+    if unknown or not methods:
+        raise ValueError(f"--methods takes soft and/or sft, got {args.methods!r}")
+    for method in methods:
+        name = CHECKPOINT_NAMES[method]
         t0 = time.perf_counter()
         set_seed(args.seed)
         model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
@@ -207,6 +222,8 @@ def build(args: argparse.Namespace) -> int:
             "lr": args.finetune_lr,
             "seed": args.seed,
             "command": "python -m app build-default " + shlex.join(sys.argv[2:]),
+            "pretrain_wall_s": round(timings.get("pretrain_s", 0.0)),
+            "machine": machine,
         }
         meta = save_checkpoint(
             model,
@@ -220,25 +237,24 @@ def build(args: argparse.Namespace) -> int:
             dtype=args.save_dtype,
             eval_exits=exits,
         )
-        timings[f"{method}_s"] = time.perf_counter() - t0
-        results[name] = meta
+        meta.training["wall_s"] = round(time.perf_counter() - t0)
+        write_sorted_meta(out_dir, meta)
         by_exit = {int(k): v for k, v in meta.eval["by_exit"].items()}
         logger.info("%s held-out loss:\n%s", name, format_table(by_exit, args.layers))
-    timings["total_s"] = (
-        time.perf_counter() - t_start + timings.get("pretrain_s", 0.0) * (args.stage == "finetune")
-    )
-    for name, meta in results.items():
-        from app.training.model_card import write_model_card
-
+    metas = {}
+    for name in CHECKPOINT_NAMES.values():
+        if (args.out / name / "sorted.json").is_file():
+            metas[name] = read_sorted_meta(args.out / name)
+    if len(metas) < len(CHECKPOINT_NAMES):
+        logger.info("model cards are written once both checkpoints exist")
+        return 0
+    for name, meta in metas.items():
         write_model_card(
             args.out / name,
             name=name,
             meta=meta,
-            other=results,
+            other=metas,
             args=args,
-            timings=timings,
-            machine=f"{platform.machine()}, {torch.get_num_threads()} torch threads, "
-            f"{'CUDA ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU'}",
             held=len(held),
             trained=len(train_records),
         )

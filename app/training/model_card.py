@@ -28,8 +28,6 @@ def write_model_card(
     meta: SortedMeta,
     other: dict[str, SortedMeta],
     args: argparse.Namespace,
-    timings: dict[str, float],
-    machine: str,
     held: int,
     trained: int,
 ) -> None:
@@ -78,8 +76,9 @@ Command line as run: `{meta.training.get("command", "")}`
    {meta.exits if meta.method == "soft" else args.exits}), `default-sft` with the last layer only.
    Only response tokens count (the Alpaca prompt is masked).
 
-Seed {args.seed}. Machine: {machine}. Wall time: pretraining {timings.get("pretrain_s", 0) / 60:.1f}
-min, SoFT {timings.get("soft_s", 0) / 60:.1f} min, SFT {timings.get("sft_s", 0) / 60:.1f} min.
+Seed {args.seed}. Machine: {meta.training.get("machine", "?")}. Wall time: pretraining
+{meta.training.get("pretrain_wall_s", 0) / 60:.1f} min, this fine-tune
+{meta.training.get("wall_s", 0) / 60:.1f} min.
 
 ## Held-out loss per exit (nats per response token)
 Measured on the saved weights, on `{args.heldout_out}`:
