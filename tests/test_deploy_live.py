@@ -1,7 +1,12 @@
-"""Live check of the dashboard: the real server (``python -m app serve`` on a tiny checkpoint) and a
-real Prometheus (Debian's ``prometheus`` package, installed here with apt-get when missing and
-running as root) scraping it every second while traffic runs; then every dashboard query is
-evaluated through Prometheus's HTTP API and must return data.
+"""Live checks of the deployment, without Docker.
+
+- The dashboard: the real server (``python -m app serve`` on a tiny checkpoint) and a real
+  Prometheus (Debian's ``prometheus`` package, installed here with apt-get when missing and running
+  as root) scraping it every second while traffic runs; then every dashboard query is evaluated
+  through Prometheus's HTTP API and must return data.
+- The image's command: the Dockerfile's runtime ``WORKDIR``/``ENV``/``CMD`` replayed on the host
+  (the same files laid out in a temporary folder) serves, passes the image's ``HEALTHCHECK``, and
+  on its ``STOPSIGNAL`` drains an open stream and exits 0.
 
 Every subprocess is bounded in time and killed at the end, whatever happens.
 """
@@ -13,6 +18,7 @@ import importlib.util
 import json
 import math
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -21,6 +27,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -28,10 +35,13 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.test_deploy_static import (
+    DOCKERFILE,
+    ROOT,
     SPEC_METRICS,
     concrete_promql,
     dashboard_targets,
     exported_series,
+    final_stage,
 )
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -55,12 +65,12 @@ def free_port() -> int:
 
 @contextlib.contextmanager
 def running(
-    cmd: list[str], log: Path, env: dict[str, str] | None = None
+    cmd: list[str], log: Path, env: dict[str, str] | None = None, cwd: Path | None = None
 ) -> Iterator[subprocess.Popen[bytes]]:
     """Start ``cmd`` in its own process group; SIGTERM, then SIGKILL, the group on exit."""
     with log.open("wb") as out:
         proc = subprocess.Popen(
-            cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
+            cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=cwd, start_new_session=True
         )
     try:
         yield proc
@@ -261,8 +271,9 @@ PROMPTS = [
 ]
 
 
-def generate(url: str, body: dict) -> dict:
-    """POST /v1/generate; a streaming request is read to its `done` event."""
+def generate(url: str, body: dict, on_token: Callable[[int], None] | None = None) -> dict:
+    """POST /v1/generate; a streaming request is read to its `done` event, calling ``on_token``
+    with the number of tokens received so far after each token event."""
     with httpx.Client(base_url=url, timeout=60) as client:
         if not body.get("stream"):
             response = client.post("/v1/generate", json=body)
@@ -271,9 +282,14 @@ def generate(url: str, body: dict) -> dict:
         event, final = None, None
         with client.stream("POST", "/v1/generate", json=body) as response:
             assert response.status_code == 200, response.read()
+            tokens = 0
             for line in response.iter_lines():
                 if line.startswith("event:"):
                     event = line.removeprefix("event:").strip()
+                elif line.startswith("data:") and event == "token":
+                    tokens += 1
+                    if on_token is not None:
+                        on_token(tokens)
                 elif line.startswith("data:") and event in ("done", "error"):
                     final = json.loads(line.removeprefix("data:").strip())
                     assert event == "done", final
@@ -323,8 +339,9 @@ def test_every_dashboard_query_returns_data_from_a_real_prometheus(
     time.sleep(3)
     responses = traffic_round(server, exits)
     assert {r["exit_layer"] for r in responses} >= {exits[0], exits[-1]}
-    outcomes = {r["budget"]["met"] for r in responses if r.get("budget")}
+    outcomes = {r["budget"]["met"] for r in responses if (r.get("budget") or {}).get("budget_ms")}
     assert outcomes == {True, False}, "budgets both met and missed"
+    downgrades = sum(len(r["budget"].get("downgrades") or []) for r in responses if r.get("budget"))
 
     # Wait for Prometheus to hold the server's final counts.
     text = httpx.get(f"{server}/metrics", timeout=10).text
@@ -360,3 +377,115 @@ def test_every_dashboard_query_returns_data_from_a_real_prometheus(
         if not any(not math.isnan(v) for v in values):
             failures.append(f"{target.name}: {promql}\n    -> {result}")
     assert not failures, "dashboard queries without data:\n" + "\n".join(failures)
+    print(f"{len(dashboard_targets())} dashboard queries returned data; downgrades: {downgrades}")
+
+
+# ---------------------------------------------------------------------------------------------
+# The image's command, replayed on the host
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RuntimeStage:
+    workdir: str
+    env: dict[str, str]
+    copies: list[tuple[str, str]]  # (source in the repository, destination under workdir)
+    cmd: list[str]
+    healthcheck: list[str]
+    stopsignal: str
+
+
+def runtime_stage() -> RuntimeStage:
+    workdir, env, copies = "/", {}, []
+    cmd: list[str] = []
+    healthcheck: list[str] = []
+    stopsignal = "SIGTERM"
+    for keyword, args in final_stage(DOCKERFILE.read_text()):
+        if keyword == "WORKDIR":
+            workdir = args
+        elif keyword == "ENV":
+            for pair in shlex.split(args):
+                key, _, value = pair.partition("=")
+                env[key] = value
+        elif keyword == "COPY" and "--from" not in args:
+            src, dst = args.split()
+            copies.append((src.rstrip("/"), dst))
+        elif keyword == "CMD":
+            cmd = json.loads(args)
+        elif keyword == "HEALTHCHECK":
+            healthcheck = json.loads(args[args.index("CMD ") + 4 :])
+        elif keyword == "STOPSIGNAL":
+            stopsignal = args
+    return RuntimeStage(workdir, env, copies, cmd, healthcheck, stopsignal)
+
+
+def host_replay(
+    stage: RuntimeStage, root: Path, model: Path, port: int
+) -> tuple[Path, dict[str, str], list[str]]:
+    """The image's files under ``root`` (symlinks), its environment with paths mapped there, and
+    its command with ``python`` being this interpreter (the image's /opt/venv is our venv)."""
+    workdir = root / stage.workdir.lstrip("/")
+    workdir.mkdir(parents=True)
+    for src, dst in stage.copies:
+        target = workdir / dst
+        target.parent.mkdir(parents=True, exist_ok=True)
+        # the baked-in default model is replaced by the tiny one: the image's layout is the point
+        target.symlink_to(model if src == "model_store/default" else ROOT / src)
+    env = dict(os.environ)
+    for key, value in stage.env.items():
+        if key == "PATH":  # the image's venv first; here the test's interpreter is that venv
+            continue
+        if value.startswith("/"):
+            value = str(root / value.lstrip("/"))
+        env[key] = value
+    env.pop("SORTEDSERVE_API_KEY", None)
+    # The image listens on 0.0.0.0:8000; here a free port on localhost.
+    env.update(SORTEDSERVE_HOST="127.0.0.1", SORTEDSERVE_PORT=str(port))
+    cmd = [sys.executable if stage.cmd[0] == "python" else stage.cmd[0], *stage.cmd[1:]]
+    return workdir, env, cmd
+
+
+@pytest.mark.timeout(300)
+def test_the_image_command_serves_passes_its_healthcheck_and_drains_on_stop(
+    tiny_checkpoint: Path, tmp_path: Path
+) -> None:
+    stage = runtime_stage()
+    assert stage.cmd[:1] == ["python"] and stage.healthcheck[:1] == ["python"]
+    port = free_port()
+    workdir, env, cmd = host_replay(stage, tmp_path / "image", tiny_checkpoint, port)
+    assert env["SORTEDSERVE_MODEL"] == "model_store/default", "relative to WORKDIR, as in the image"
+    log = tmp_path / "server.log"
+    url = f"http://127.0.0.1:{port}"
+    with running(cmd, log, env, cwd=workdir) as proc:
+        wait_until(
+            lambda: httpx.get(f"{url}/ready", timeout=2).status_code == 200,
+            SERVER_START_TIMEOUT_S,
+            proc,
+            log,
+            "the image's command: /ready",
+        )
+        info = httpx.get(f"{url}/info", timeout=10).json()
+        assert info["num_layers"] == 4, info
+
+        health = [sys.executable, *stage.healthcheck[1:]]
+        ok = subprocess.run(health, env=env, capture_output=True, text=True, timeout=10)
+        assert ok.returncode == 0, ok.stderr
+        dead = {**env, "SORTEDSERVE_PORT": str(free_port())}
+        down = subprocess.run(health, env=dead, capture_output=True, text=True, timeout=10)
+        assert down.returncode != 0, "the healthcheck fails when nothing listens"
+
+        # A stream open when the stop signal comes still runs to its end (the drain), then the
+        # process exits 0.
+        sent_at: list[int] = []
+
+        def stop_after_first_token(received: int) -> None:
+            if not sent_at:
+                proc.send_signal(getattr(signal, stage.stopsignal))
+                sent_at.append(received)
+
+        body = {"prompt": PROMPTS[0], "max_new_tokens": 200, "stream": True, "seed": 0}
+        final = generate(url, body, on_token=stop_after_first_token)
+        assert sent_at == [1]
+        assert final["finish_reason"] in ("length", "eos", "stop"), final
+        assert final["usage"]["completion_tokens"] > 1, "tokens were made after the signal"
+        assert proc.wait(timeout=60) == 0, tail(log)

@@ -227,7 +227,7 @@ def test_hadolint_flags_a_bad_dockerfile(tmp_path: Path) -> None:
     assert "DL3007" in result.stdout  # :latest
 
 
-def _instructions(text: str) -> list[tuple[str, str]]:
+def dockerfile_instructions(text: str) -> list[tuple[str, str]]:
     """(INSTRUCTION, arguments) with line continuations joined and comments dropped."""
     out, current = [], ""
     for line in text.splitlines():
@@ -241,14 +241,14 @@ def _instructions(text: str) -> list[tuple[str, str]]:
     return out
 
 
-def _final_stage(text: str) -> list[tuple[str, str]]:
-    instructions = _instructions(text)
+def final_stage(text: str) -> list[tuple[str, str]]:
+    instructions = dockerfile_instructions(text)
     last_from = max(i for i, (k, _) in enumerate(instructions) if k == "FROM")
     return instructions[last_from:]
 
 
 def test_dockerfile_is_multi_stage_and_parametrised_for_cuda() -> None:
-    instructions = _instructions(DOCKERFILE.read_text())
+    instructions = dockerfile_instructions(DOCKERFILE.read_text())
     froms = [args for k, args in instructions if k == "FROM"]
     assert len(froms) >= 2, "multi-stage: a builder and a runtime stage"
     args = {a.split("=")[0] for k, a in instructions if k == "ARG"}
@@ -266,7 +266,7 @@ def test_dockerfile_is_multi_stage_and_parametrised_for_cuda() -> None:
 
 
 def test_dockerfile_runtime_stage_contract() -> None:
-    stage = _final_stage(DOCKERFILE.read_text())
+    stage = final_stage(DOCKERFILE.read_text())
     by_kind: dict[str, list[str]] = {}
     for keyword, args in stage:
         by_kind.setdefault(keyword, []).append(args)
@@ -311,7 +311,7 @@ def test_dockerignore_lets_in_exactly_what_the_image_copies() -> None:
     assert patterns[0] == "*", "an allow-list: nothing enters the context unless named"
     allowed = {p[1:].rstrip("/") for p in patterns if p.startswith("!")}
     sources = set()
-    for keyword, args in _instructions(DOCKERFILE.read_text()):
+    for keyword, args in dockerfile_instructions(DOCKERFILE.read_text()):
         if keyword == "COPY" and "--from" not in args:
             sources.update(a.rstrip("/") for a in args.split()[:-1] if not a.startswith("--"))
     assert sources <= allowed, f"copied but ignored: {sorted(sources - allowed)}"
