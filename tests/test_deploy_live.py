@@ -14,7 +14,6 @@ Every subprocess is bounded in time and killed at the end, whatever happens.
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import json
 import math
 import os
@@ -48,7 +47,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 SERVER_START_TIMEOUT_S = 180.0
 PROMETHEUS_START_TIMEOUT_S = 30.0
-APT_TIMEOUT_S = 300.0
+APT_TIMEOUT_S = 120.0  # per apt-get command; at most three run
 RATE_WINDOW = "1m"  # replaces $__rate_interval: spans the warm-up and the main traffic
 
 
@@ -164,11 +163,6 @@ def prometheus_bin() -> str:
 
 @pytest.fixture(scope="module")
 def server(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    if (
-        importlib.util.find_spec("app.api") is None
-        or not (Path(__file__).resolve().parent.parent / "app" / "api" / "serve_cli.py").exists()
-    ):
-        pytest.skip("app.api (the HTTP server, `python -m app serve`) is not written yet")
     tmp = tmp_path_factory.mktemp("live-server")
     port = free_port()
     env = {
@@ -323,7 +317,7 @@ def scraped_metrics(url: str) -> dict[str, str]:
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.timeout(420)
+@pytest.mark.timeout(600)  # includes installing prometheus on a fresh machine
 def test_every_dashboard_query_returns_data_from_a_real_prometheus(
     server: str, prometheus: str
 ) -> None:
