@@ -460,7 +460,7 @@ class Engine:
         if state.first_token_at is None:
             state.first_token_at = now
         reason: FinishReason | None = None
-        if token in self._eos:
+        if token in self._eos and not state.request.sampling.ignore_eos:
             reason = "eos"
             text = ""
         else:

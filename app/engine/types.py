@@ -23,6 +23,7 @@ class SamplingParams:
     top_k: int = 0  # 0 means off
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    ignore_eos: bool = False  # keep generating past EOS (benchmarks); EOS is then an ordinary token
 
 
 @dataclass

@@ -1,0 +1,1 @@
+"""Benchmarks behind ``python -m app bench <name>`` (SPEC §7); see :mod:`app.bench.cli`."""

@@ -1,0 +1,224 @@
+"""``python -m app bench decode``: batch-1 greedy decode speed at every exit, against HF generate.
+
+In one process, on the same checkpoint, prompt and machine, interleaved round by round so that any
+background load hits both sides alike:
+
+- Hugging Face ``model.generate`` at full depth: greedy, ``min_new_tokens = max_new_tokens``;
+- the engine at every trained exit: greedy, ``ignore_eos``, one request at a time, through the same
+  async interface the server uses (worker thread, event queue, detokenisation included).
+
+Reported per exit: tokens/s end to end (prefill included, as ``generate`` is timed) and ms per
+decoded token after the first. Checked against issue 3's targets: at full depth the engine makes
+at least 2x the tokens/s of ``generate``; at exit k of L its ms/token is at most
+(k/L + 0.15) x the full-depth ms/token. Writes JSON with machine info to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import time
+from typing import Any
+
+from app.bench.common import (
+    Timer,
+    add_engine_arguments,
+    bench_prompt,
+    load_engine,
+    machine_info,
+    median,
+    table,
+    write_results,
+)
+
+logger = logging.getLogger(__name__)
+
+SPEEDUP_TARGET = 2.0
+EXIT_SLACK = 0.15
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_engine_arguments(p, "decode")
+
+
+class _Clock:
+    """A ``generate`` streamer that only timestamps each new token."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+        self._prompt_seen = False
+
+    def put(self, value: Any) -> None:
+        if not self._prompt_seen:  # the first call carries the prompt
+            self._prompt_seen = True
+            return
+        self.times.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from app.engine import EngineConfig, GenerationRequest, SamplingParams
+
+    n = args.max_new_tokens
+    config = EngineConfig(
+        device=args.device, dtype=args.dtype, max_slots=1, torch_threads=args.torch_threads
+    )
+    engine = load_engine(args.model, config)
+    if engine is None:
+        return 2
+    info = engine.info
+    prompt_ids = engine.encode(bench_prompt())
+    if len(prompt_ids) + n > info.max_seq_len:
+        logger.error("prompt plus --max-new-tokens exceed the context of %d", info.max_seq_len)
+        return 2
+    device = torch.device(info.device)
+    hf = AutoModelForCausalLM.from_pretrained(args.model, dtype=getattr(torch, info.dtype))
+    hf = hf.to(device).eval()
+    engine.start()
+    input_ids = torch.tensor([prompt_ids], device=device)
+    counter = iter(range(10**9))
+
+    def run_hf(tokens: int) -> tuple[float, float, list[int]]:
+        clock = _Clock()
+        with torch.inference_mode(), Timer() as t:
+            out = hf.generate(
+                input_ids,
+                attention_mask=torch.ones_like(input_ids),
+                max_new_tokens=tokens,
+                min_new_tokens=tokens,
+                do_sample=False,
+                streamer=clock,
+                pad_token_id=info.eos_token_ids[0] if info.eos_token_ids else 0,
+            )
+        per_token = (clock.times[-1] - clock.times[0]) / (tokens - 1) * 1000 if tokens > 1 else 0
+        return t.seconds, per_token, out[0, len(prompt_ids) :].tolist()
+
+    def run_engine(exit_layer: int, tokens: int) -> tuple[float, float, list[int]]:
+        request = GenerationRequest(
+            request_id=f"decode-{next(counter)}",
+            prompt_ids=prompt_ids,
+            exit_layer=exit_layer,
+            sampling=SamplingParams(max_new_tokens=tokens, ignore_eos=True),
+        )
+
+        async def collect() -> list[Any]:
+            return [event async for event in engine.generate(request)]
+
+        with Timer() as t:
+            events = asyncio.run(collect())
+        final = events[-1]
+        if final.finish_reason == "error":
+            raise RuntimeError(final.error)
+        return t.seconds, final.ms_per_token, [e.token_id for e in events[:-1]]
+
+    logger.info("warming up")
+    run_hf(4)
+    for k in info.exits:
+        run_engine(k, 4)
+
+    samples: dict[str, list[dict[str, float]]] = {"hf": [], **{str(k): [] for k in info.exits}}
+    hf_tokens: list[int] = []
+    full_tokens: list[int] = []
+    for r in range(args.rounds):
+        seconds, per_token, hf_tokens = run_hf(n)
+        samples["hf"].append({"seconds": seconds, "ms_per_token": per_token})
+        for k in info.exits:
+            seconds, per_token, toks = run_engine(k, n)
+            samples[str(k)].append({"seconds": seconds, "ms_per_token": per_token})
+            if k == info.num_layers:
+                full_tokens = toks
+        logger.info("round %d/%d done", r + 1, args.rounds)
+    engine.shutdown(1.0)
+
+    def summary(key: str) -> tuple[float, float]:
+        seconds = median([s["seconds"] for s in samples[key]])
+        return n / seconds, median([s["ms_per_token"] for s in samples[key]])
+
+    hf_tps, hf_ms = summary("hf")
+    full_key = str(info.num_layers)
+    full_tps, full_ms = summary(full_key) if full_key in samples else (float("nan"),) * 2
+    rows: list[dict[str, Any]] = []
+    for k in info.exits:
+        tps, ms = summary(str(k))
+        limit = k / info.num_layers + EXIT_SLACK
+        rows.append(
+            {
+                "exit_layer": k,
+                "tokens_per_s": tps,
+                "ms_per_token": ms,
+                "speedup_vs_hf": tps / hf_tps,
+                "ms_vs_full_depth": ms / full_ms,
+                "limit_k_over_L_plus_0_15": limit,
+                "within_limit": ms / full_ms <= limit,
+            }
+        )
+    same = next(
+        (i for i, (a, b) in enumerate(zip(hf_tokens, full_tokens, strict=False)) if a != b),
+        min(len(hf_tokens), len(full_tokens)),
+    )
+    verdict = {
+        "full_depth_speedup_vs_hf": full_tps / hf_tps,
+        "speedup_target": SPEEDUP_TARGET,
+        "speedup_met": full_tps / hf_tps >= SPEEDUP_TARGET,
+        "exit_targets_met": all(r["within_limit"] for r in rows),
+        "greedy_tokens_equal_to_hf": same,
+    }
+    print(
+        table(
+            ["exit", "tok/s", "ms/token", "x HF tok/s", "ms / full", "limit k/L+.15", "ok"],
+            [
+                ["HF generate (full)", hf_tps, hf_ms, 1.0, hf_ms / full_ms, "", ""],
+                *(
+                    [
+                        f"{r['exit_layer']}/{info.num_layers}",
+                        r["tokens_per_s"],
+                        r["ms_per_token"],
+                        r["speedup_vs_hf"],
+                        r["ms_vs_full_depth"],
+                        r["limit_k_over_L_plus_0_15"],
+                        "yes" if r["within_limit"] else "NO",
+                    ]
+                    for r in rows
+                ),
+            ],
+        )
+    )
+    print(
+        f"\nfull depth vs HF generate: {verdict['full_depth_speedup_vs_hf']:.2f}x tokens/s "
+        f"(target >= {SPEEDUP_TARGET}x: {'met' if verdict['speedup_met'] else 'NOT met'}); "
+        f"exit targets {'met' if verdict['exit_targets_met'] else 'NOT met'}; "
+        f"greedy tokens equal to HF for the first {same} of {n}"
+    )
+    path = write_results(
+        args.out,
+        {
+            "bench": "decode",
+            "config": {
+                "model": str(args.model),
+                "prompt_tokens": len(prompt_ids),
+                "max_new_tokens": n,
+                "rounds": args.rounds,
+                "device": info.device,
+                "dtype": info.dtype,
+                "torch_threads": args.torch_threads,
+            },
+            "machine": machine_info(),
+            "model": {
+                "model_id": info.model_id,
+                "num_layers": info.num_layers,
+                "exits": list(info.exits),
+            },
+            "hf_generate": {"tokens_per_s": hf_tps, "ms_per_token": hf_ms},
+            "exits": rows,
+            "verdict": verdict,
+            "samples": samples,
+        },
+    )
+    print(f"wrote {path}")
+    return 0
