@@ -246,3 +246,37 @@ def test_finished_rows_stop_counting_as_load() -> None:
     clock.t += 0.01
     sched.on_step(Report(clock.t, 0.01, (Row("a", 12, 2),)))  # b left the batch
     assert busy > 0 and sched.expected_wait_ms() < busy / 10
+
+
+def test_a_late_request_lowers_the_rows_that_set_the_pace() -> None:
+    sched, clock = make(slots=4)
+    assert sched.admit("deep", 10, 1000, budget_ms=10_000.0).exit_layer == 12
+    sched.on_step(Report(clock.t, 0.0079, (Row("deep", 12, 1),)))
+    # 100 decode steps within 500 ms: not beside a row at 12 (7.2 ms a step), fine at 6 (4.45)
+    tight = sched.admit("tight", 10, 101, budget_ms=500 / 0.9)
+    assert tight.exit_layer == 6 and tight.feasible
+    clock.t += 0.005
+    rows = (Row("deep", 12, 2), Row("tight", 6, 1))
+    assert sched.on_step(Report(clock.t, 0.005, rows)) == {"deep": 6}
+
+
+def test_a_hopeless_request_does_not_drag_the_batch_down() -> None:
+    sched, clock = make(slots=4)
+    sched.admit("deep", 10, 1000, budget_ms=10_000.0)
+    hopeless = sched.admit("hopeless", 10, 100, budget_ms=1.0)
+    assert hopeless.exit_layer == 3 and not hopeless.feasible
+    for step in range(1, 5):
+        clock.t += 0.008
+        rows = (Row("deep", 12, step), Row("hopeless", 3, step))
+        assert sched.on_step(Report(clock.t, 0.008, rows)) == {}
+
+
+def test_a_newcomer_does_not_make_running_requests_late() -> None:
+    sched, clock = make(slots=4)
+    # alone, 100 steps at exit 3 take 250 ms, at exit 6 400 ms: a 300 ms target gives exit 3
+    assert sched.admit("running", 10, 101, budget_ms=300 / 0.9).exit_layer == 3
+    sched.on_step(Report(clock.t, 0.0025, (Row("running", 3, 1),)))
+    alone = sched.decide(10, 11, budget_ms=10_000.0)
+    assert alone.exit_layer == 3  # anything deeper would slow "running" past its budget
+    sched.finish("running")
+    assert sched.decide(10, 11, budget_ms=10_000.0).exit_layer == 12

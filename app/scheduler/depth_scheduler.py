@@ -5,22 +5,29 @@ request arrives and :meth:`DepthScheduler.finish` when it ends; the engine threa
 :meth:`DepthScheduler.on_step` after every decode step (through the engine's ``step_hook``), with a
 report shaped like ``app.engine.types.StepReport``.
 
-At arrival the prediction for exit *k* is::
+The batch sets the pace. Every row of a decode step waits for the step's deepest layer, so all
+running requests get their tokens at one rate, ``pace = token_ms(exits in the batch)`` (see
+online.py). A budgeted request with ``remaining`` tokens still to make needs
+``pace ≤ (budget_ms − elapsed) / remaining``.
 
-    expected queue wait + prefill(k, prompt_tokens) + decode_steps × step(batch with this row at k)
-
-and the deepest exit whose prediction fits ``budget_ms × headroom`` wins (the shallowest when none
-does, flagged as not feasible). After every step a request whose projection (elapsed + remaining
-steps × current step time) passes ``budget_ms × recheck`` is lowered to the deepest shallower exit
-that fits again. Exits only ever go down. The step time is the profile's prediction times an EWMA
-correction learnt from the measured time between consecutive steps (which includes the prefills of
-newcomers that run between steps: the per-token latency a running request actually sees).
+- **At arrival**, the prediction for exit *k* is ``expected queue wait + prefill(k) + decode steps
+  × pace(batch with the newcomer at k)``. The deepest *k* wins whose prediction fits
+  ``budget_ms × headroom`` and whose pace does not make a running budgeted request late. If none
+  fits as the batch is, the same search runs again assuming the budgeted rows deeper than *k* are
+  lowered to *k* (the next step's re-check does that). If still none fits: the shallowest exit,
+  flagged ``feasible=False``.
+- **After every step**, when the pace is too slow for some running request, the deepest budgeted
+  rows are lowered one exit at a time until the pace fits every request that can still be saved
+  (with headroom); a request that cannot make it even with the whole batch at the shallowest exit
+  goes there and no longer holds the others back. Exits only ever go down; requests without a
+  budget (or with ``exit_layer``) are never moved.
 """
 
 from __future__ import annotations
 
 import heapq
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -63,12 +70,19 @@ class _Plan:
     gone: bool = False  # left the batch (finished in the engine; finish() comes soon)
     generated: int = 0
 
+    def allowed_pace(self, now: float, fraction: float) -> float:
+        """Largest ms per token that still lands within ``budget × fraction`` (inf: no budget)."""
+        remaining = self.max_new_tokens - self.generated
+        if self.budget_ms is None or remaining <= 0:
+            return math.inf
+        return (self.budget_ms * fraction - (now - self.arrival) * 1000) / remaining
+
 
 @dataclass(frozen=True)
 class SchedulerConfig:
     max_slots: int = 16  # rows the engine decodes at once
-    headroom: float = 0.9  # choose exits whose prediction fits budget × headroom
-    recheck: float = 1.0  # lower a running request once its projection passes budget × recheck
+    headroom: float = 0.9  # aim for budget × headroom
+    recheck: float = 1.0  # act once a running request is projected past budget × recheck
     alpha: float = 0.1  # EWMA weight of each new measurement
     prefill_emits_token: bool = True  # the prefill forward yields the first new token
     cell_samples: int = 8  # steps seen in a (deepest exit, batch size) cell before it counts
@@ -143,47 +157,57 @@ class DepthScheduler:
             raise SchedulingError(f"exit_layer {exit_layer} is not a trained exit {trained}")
         if budget_ms is not None and not budget_ms > 0:
             raise SchedulingError("budget_ms must be > 0")
-        wait_ms, co_exits = self._load_picture()
-        batch = len(co_exits) + 1
+        wait_ms, co_plans = self._load_picture()
+        batch = len(co_plans) + 1
+        steps = self._decode_steps(max_new_tokens)
 
-        def predict(k: int) -> float:
-            return self._predict(k, prompt_tokens, max_new_tokens, wait_ms, co_exits)
+        def predict(k: int, capped: bool) -> tuple[float, float]:
+            exits = [
+                min(p.exit_layer, k) if capped and p.lowerable else p.exit_layer for p in co_plans
+            ]
+            pace = self.latency.token_ms([*exits, k])
+            return wait_ms + self.latency.prefill_ms(k, prompt_tokens) + steps * pace, pace
 
         if exit_layer is not None or budget_ms is None:
             k = exit_layer if exit_layer is not None else self.exits[-1]
             reason = "exit_layer" if exit_layer is not None else "no_budget"
-            return Decision(k, predict(k), budget_ms, True, wait_ms, batch, reason)
+            return Decision(k, predict(k, False)[0], budget_ms, True, wait_ms, batch, reason)
         target = budget_ms * self.config.headroom
-        chosen, predicted = self.exits[0], predict(self.exits[0])
-        for k in reversed(self.exits):
-            p = predict(k)
-            if p <= target:
-                chosen, predicted = k, p
-                break
+        others = self._others_limit(co_plans)
+        for capped in (False, True):
+            for k in reversed(self.exits):
+                predicted, pace = predict(k, capped)
+                if predicted <= target and pace <= others:
+                    return Decision(k, predicted, budget_ms, True, wait_ms, batch, "budget")
+        predicted = predict(self.exits[0], True)[0]
         feasible = predicted <= budget_ms
-        return Decision(chosen, predicted, budget_ms, feasible, wait_ms, batch, "budget")
+        return Decision(self.exits[0], predicted, budget_ms, feasible, wait_ms, batch, "budget")
+
+    def _others_limit(self, co_plans: list[_Plan]) -> float:
+        """The slowest pace that keeps every running, still savable budgeted request on time."""
+        now = self._clock()
+        shallowest = self.exits[0]
+        floor = self.latency.token_ms(
+            [shallowest if p.lowerable else p.exit_layer for p in co_plans] + [shallowest]
+        )
+        paces = [p.allowed_pace(now, self.config.headroom) for p in co_plans if p.started]
+        return min((pace for pace in paces if pace >= floor), default=math.inf)
 
     def _decode_steps(self, max_new_tokens: int) -> int:
         return max(max_new_tokens - (1 if self.config.prefill_emits_token else 0), 0)
 
-    def _predict(
-        self, k: int, prompt_tokens: int, max_new_tokens: int, wait_ms: float, co_exits: list[int]
-    ) -> float:
-        decode = self._decode_steps(max_new_tokens) * self.latency.token_ms([*co_exits, k])
-        return wait_ms + self.latency.prefill_ms(k, prompt_tokens) + decode
-
-    def _load_picture(self) -> tuple[float, list[int]]:
-        """Expected wait before a new request's prefill, and the exits it will share a batch with.
+    def _load_picture(self) -> tuple[float, list[_Plan]]:
+        """Expected wait before a newcomer's prefill, and the requests it will share a batch with.
 
         Slots are simulated: running requests free theirs after their remaining steps, waiting
-        requests take free slots in arrival order (their prefills run before ours).
+        requests take free slots in arrival order (their prefills run before the newcomer's).
         """
         running = [p for p in self._plans.values() if p.started and not p.gone]
         waiting = [p for p in self._plans.values() if not p.started]
         slots = self.config.max_slots
-        batch_exits = [p.exit_layer for p in running + waiting][: max(slots - 1, 0)]
-        step = self.latency.token_ms([p.exit_layer for p in running] or batch_exits)
-        free_at = [(p.max_new_tokens - p.generated) * step for p in running][:slots]
+        co_plans = (running + waiting)[: max(slots - 1, 0)]
+        pace = self.latency.token_ms([p.exit_layer for p in co_plans])
+        free_at = [(p.max_new_tokens - p.generated) * pace for p in running][:slots]
         free_at += [0.0] * (slots - len(free_at))
         heapq.heapify(free_at)
         prefills = 0.0
@@ -191,10 +215,10 @@ class DepthScheduler:
             start = heapq.heappop(free_at)
             prefill = self.latency.prefill_ms(p.exit_layer, p.prompt_tokens)
             prefills += prefill
-            heapq.heappush(free_at, start + prefill + self._decode_steps(p.max_new_tokens) * step)
+            heapq.heappush(free_at, start + prefill + self._decode_steps(p.max_new_tokens) * pace)
         # a newcomer also waits for the step in progress to end (half of one, on average)
-        in_progress = step / 2 if running else 0.0
-        return free_at[0] + prefills + in_progress, batch_exits
+        in_progress = pace / 2 if running else 0.0
+        return free_at[0] + prefills + in_progress, co_plans
 
     def expected_wait_ms(self) -> float:
         """How long a request arriving now would wait for a slot (used for ``Retry-After``)."""
@@ -213,7 +237,7 @@ class DepthScheduler:
 
     # -- every decode step (engine thread) ---------------------------------------------------
     def on_step(self, report: StepReportLike) -> dict[str, int]:
-        """Learn from the step, then lower the exits of requests that fall behind their budget."""
+        """Learn from the step, then lower exits if the batch is too slow for someone's budget."""
         with self._lock:
             self.steps_seen += 1
             rows = {row.request_id: row for row in report.rows}
@@ -229,48 +253,38 @@ class DepthScheduler:
             return self._recheck(report.now)
 
     def _recheck(self, now: float) -> dict[str, int]:
-        shallowest = self.exits[0]
-        budgeted = [
-            p
-            for p in self._plans.values()
-            if p.started
-            and not p.gone
-            and p.lowerable
-            and p.budget_ms is not None
-            and p.exit_layer > shallowest
-        ]
+        running = [p for p in self._plans.values() if p.started and not p.gone]
+        budgeted = [p for p in running if p.lowerable and p.max_new_tokens > p.generated]
         if not budgeted:
             return {}
-        exits = {
-            p.request_id: p.exit_layer for p in self._plans.values() if p.started and not p.gone
-        }
-
-        def projected(plan: _Plan, budget_ms: float, step_ms: float) -> float:
-            remaining = max(plan.max_new_tokens - plan.generated, 0)
-            return (now - plan.arrival) * 1000 + remaining * step_ms - budget_ms
-
-        step_now = self.latency.token_ms(list(exits.values()))
-        late = []
-        for plan in budgeted:
-            budget = plan.budget_ms * self.config.recheck  # type: ignore[operator]
-            overrun = projected(plan, budget, step_now)
-            if overrun > 0:
-                late.append((overrun, plan))
-        changes: dict[str, int] = {}
-        for _, plan in sorted(late, key=lambda item: -item[0]):
-            target = plan.budget_ms * self.config.headroom  # type: ignore[operator]
-            others = [e for rid, e in exits.items() if rid != plan.request_id]
-            shallower = [k for k in self.exits if k < plan.exit_layer]
-            new = next(
-                (
-                    k
-                    for k in reversed(shallower)
-                    if projected(plan, target, self.latency.token_ms([*others, k])) <= 0
-                ),
-                shallower[0],
-            )
-            exits[plan.request_id] = plan.exit_layer = new
-            changes[plan.request_id] = new
+        exits = {p.request_id: p.exit_layer for p in running}
+        shallowest = self.exits[0]
+        cfg = self.config
+        pace = self.latency.token_ms(list(exits.values()))
+        if pace <= min(p.allowed_pace(now, cfg.recheck) for p in budgeted):
+            return {}  # everyone is on track
+        # The fastest this batch can go: every budgeted row at the shallowest exit.
+        floor = self.latency.token_ms(
+            [shallowest if p.lowerable else p.exit_layer for p in running]
+        )
+        savable = [p for p in budgeted if p.allowed_pace(now, cfg.recheck) >= floor]
+        for p in budgeted:
+            if p not in savable:  # late whatever happens: as fast as possible, and out of the way
+                exits[p.request_id] = shallowest
+        target = min((p.allowed_pace(now, cfg.headroom) for p in savable), default=math.inf)
+        lowerable = [p for p in budgeted if p in savable]
+        while lowerable and self.latency.token_ms(list(exits.values())) > target:
+            top = max(exits[p.request_id] for p in lowerable)
+            if top == shallowest:
+                break
+            below = max(k for k in self.exits if k < top)
+            for p in lowerable:
+                if exits[p.request_id] == top:
+                    exits[p.request_id] = below
+        changes = {}
+        for p in budgeted:
+            if exits[p.request_id] < p.exit_layer:
+                changes[p.request_id] = p.exit_layer = exits[p.request_id]
         if changes:
             logger.debug("lowered exits: %s", changes)
         return changes
