@@ -28,7 +28,9 @@ def run(args: argparse.Namespace) -> int:
     from app.training.data import DataError
 
     try:
-        result = evaluate_checkpoint(args)
+        result = evaluate_checkpoint(
+            args.model, args.data, args.exits, max_len=args.max_len, batch_size=args.batch_size
+        )
     except (DataError, ModelStoreError, ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -43,7 +45,14 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def evaluate_checkpoint(args: argparse.Namespace) -> dict:
+def evaluate_checkpoint(
+    model_dir: Path,
+    data: Path,
+    exits_spec: str | None = None,
+    max_len: int = 512,
+    batch_size: int = 8,
+) -> dict:
+    """Held-out loss per exit of one checkpoint (exits: the spec, else sorted.json's)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -52,23 +61,23 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict:
     from app.training.evaluate import evaluate_exits
     from app.training.soft import parse_exits
 
-    num_layers = int(read_config(args.model)["num_hidden_layers"])
-    if args.exits:
-        exits = parse_exits(args.exits, None, num_layers)
+    num_layers = int(read_config(model_dir)["num_hidden_layers"])
+    if exits_spec:
+        exits = parse_exits(exits_spec, None, num_layers)
     else:
-        meta = read_sorted_meta(args.model, num_layers)
+        meta = read_sorted_meta(model_dir, num_layers)
         exits = sorted({*meta.exits, *(int(k) for k in meta.eval.get("by_exit", {}))})
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
-    examples = encode_records(tokenizer, load_alpaca(args.data), args.max_len)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    examples = encode_records(tokenizer, load_alpaca(data), max_len)
     if not examples:
-        raise ValueError(f"{args.data} yields no examples")
-    by_exit = evaluate_exits(model, examples, exits, tokenizer.pad_token_id, args.batch_size)
+        raise ValueError(f"{data} yields no examples")
+    by_exit = evaluate_exits(model, examples, exits, tokenizer.pad_token_id, batch_size)
     return {
-        "model": str(args.model),
-        "data": str(args.data),
+        "model": str(model_dir),
+        "data": str(data),
         "examples": len(examples),
         "num_layers": num_layers,
         "metric": "loss",
