@@ -42,6 +42,7 @@ class GenerationParams:
     stop: tuple[str, ...] = ()
     budget_ms: float | None = None
     exit_layer: int | None = None
+    ignore_eos: bool = False
     arrival: float = field(default_factory=time.perf_counter)
 
 
@@ -193,6 +194,7 @@ class GenerationService:
                 top_k=p.top_k,
                 seed=p.seed,
                 stop=p.stop,
+                ignore_eos=p.ignore_eos,
             ),
             arrival_time=p.arrival,
         )

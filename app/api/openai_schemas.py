@@ -42,6 +42,7 @@ class _Common(OpenAIModel):
     budget_ms: float | None = Field(None, gt=0, description="SortedServe: latency budget")
     exit_layer: int | None = Field(None, ge=1, description="SortedServe: force a trained exit")
     top_k: int = Field(0, ge=0, description="SortedServe: top-k sampling, 0 is off")
+    ignore_eos: bool = Field(False, description="SortedServe: keep generating past EOS")
 
     @model_validator(mode="after")
     def _supported(self) -> _Common:

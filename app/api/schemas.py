@@ -38,6 +38,9 @@ class GenerateRequest(StrictModel):
         None, ge=1, description="force a trained exit (not together with budget_ms)"
     )
     stream: bool = Field(False, description="server-sent events instead of one JSON object")
+    ignore_eos: bool = Field(
+        False, description="extension (as in vLLM): keep generating past EOS, for benchmarks"
+    )
 
     @model_validator(mode="after")
     def _exit_or_budget(self) -> GenerateRequest:

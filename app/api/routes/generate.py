@@ -62,6 +62,7 @@ async def generate(body: GenerateRequest, request: Request, service: ServiceDep)
             stop=tuple(body.stop),
             budget_ms=body.budget_ms,
             exit_layer=body.exit_layer,
+            ignore_eos=body.ignore_eos,
             arrival=arrival,
         )
     )

@@ -50,7 +50,7 @@ def _usage(final: FinalEvent) -> dict[str, int]:
     }
 
 
-async def _admit(
+def _admit(
     service: GenerationService,
     body: CompletionRequest | ChatCompletionRequest,
     prompt_ids: list[int],
@@ -69,6 +69,7 @@ async def _admit(
             stop=stop_tuple(body.stop),
             budget_ms=body.budget_ms,
             exit_layer=body.exit_layer,
+            ignore_eos=body.ignore_eos,
             arrival=arrival,
         ),
         id_prefix=id_prefix,
@@ -88,7 +89,7 @@ async def completions(body: CompletionRequest, request: Request, service: Servic
     service.check_exit_layer(body.exit_layer, body.budget_ms)
     prompt_ids = await service.tokenize(prompt)
     service.check_context(len(prompt_ids), max_new_tokens, "prompt", "max_tokens")
-    job = await _admit(service, body, prompt_ids, max_new_tokens, arrival, "cmpl")
+    job = _admit(service, body, prompt_ids, max_new_tokens, arrival, "cmpl")
     return await _respond(service, job, body, request, "completion")
 
 
@@ -108,7 +109,7 @@ async def chat_completions(
     service.check_exit_layer(body.exit_layer, body.budget_ms)
     prompt_ids = await service.tokenize_chat(messages)
     service.check_context(len(prompt_ids), max_new_tokens, "messages", field)
-    job = await _admit(service, body, prompt_ids, max_new_tokens, arrival, "chatcmpl")
+    job = _admit(service, body, prompt_ids, max_new_tokens, arrival, "chatcmpl")
     return await _respond(service, job, body, request, "chat")
 
 
