@@ -50,8 +50,10 @@ RUN groupadd --system --gid 10001 sortedserve \
     && chown -R sortedserve:sortedserve /home/sortedserve /models
 COPY --from=builder /opt/venv /opt/venv
 WORKDIR /srv/sortedserve
-COPY app ./app
-COPY model_store/default ./model_store/default
+# Readable by the runtime user whatever the modes in the build context (a freshly trained
+# checkpoint may be 0600); root keeps ownership, so the server cannot change its own code or model.
+COPY --chmod=0755 app ./app
+COPY --chmod=0755 model_store/default ./model_store/default
 # Numeric, so that Kubernetes runAsNonRoot can verify it.
 USER 10001:10001
 EXPOSE 8000

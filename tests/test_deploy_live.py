@@ -402,7 +402,7 @@ def runtime_stage() -> RuntimeStage:
                 key, _, value = pair.partition("=")
                 env[key] = value
         elif keyword == "COPY" and "--from" not in args:
-            src, dst = args.split()
+            src, dst = [a for a in args.split() if not a.startswith("--")]
             copies.append((src.rstrip("/"), dst))
         elif keyword == "CMD":
             cmd = json.loads(args)

@@ -281,8 +281,8 @@ def test_dockerfile_runtime_stage_contract() -> None:
     assert by_kind["STOPSIGNAL"] == ["SIGTERM"]
     assert "ENTRYPOINT" not in by_kind
     assert by_kind["EXPOSE"] == ["8000"]
-    copies = " ".join(by_kind["COPY"])
-    assert "model_store/default" in copies, "the default model is baked in"
+    (model_copy,) = [c for c in by_kind["COPY"] if "model_store/default" in c]
+    assert "--chmod=0755" in model_copy, "the baked-in model is readable by the runtime user"
     env = " ".join(by_kind["ENV"])
     assert "SORTEDSERVE_PORT=8000" in env and "SORTEDSERVE_HOST=0.0.0.0" in env
     assert "SORTEDSERVE_MODEL=model_store/default" in env
