@@ -23,11 +23,12 @@ RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 # torch first, from the chosen index, so that the project's `torch>=` range installs nothing more.
 RUN pip install --no-cache-dir --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}"
-# The dependencies in their own layer: a code change does not reinstall them. A stub package is
-# enough for pip to resolve pyproject.toml; it is removed again, the source is copied at runtime.
+# The dependencies in their own layer: a code or README change does not reinstall them. A stub
+# package (and README) is enough for pip to resolve pyproject.toml; it is removed again, the source
+# is copied into the runtime stage.
 WORKDIR /src
-COPY pyproject.toml README.md ./
-RUN mkdir app && touch app/__init__.py \
+COPY pyproject.toml ./
+RUN mkdir app && touch app/__init__.py README.md \
     && pip install --no-cache-dir . \
     && pip uninstall --yes sortedserve
 
