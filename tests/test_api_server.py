@@ -143,8 +143,9 @@ def test_generate_json_response(client: httpx.Client) -> None:
 
 
 def test_exit_layer_is_honoured(client: httpx.Client) -> None:
-    body = generate(client, exit_layer=2)
+    body = generate(client, exit_layer=2.0, max_new_tokens=3.0)  # JSON's 2.0 is an integer too
     assert body["exit_layer"] == 2 and body["budget"]["initial_exit_layer"] == 2
+    assert body["usage"]["completion_tokens"] <= 3
 
 
 def test_budget_chooses_the_exit(client: httpx.Client) -> None:

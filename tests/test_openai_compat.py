@@ -147,6 +147,10 @@ def test_openai_errors(client: openai.OpenAI) -> None:
             model="llama", prompt="Hi", extra_body={"exit_layer": 2, "budget_ms": 50}
         )
     assert "exit_layer" in exc.value.response.json()["error"]
+    for field, value in [("echo", True), ("logprobs", 2), ("best_of", 3), ("seed", -1)]:
+        with pytest.raises(openai.UnprocessableEntityError) as exc:
+            client.completions.create(model="llama", prompt="Hi", extra_body={field: value})
+        assert field in exc.value.response.json()["error"]
 
 
 # -- the API key ---------------------------------------------------------------------------------

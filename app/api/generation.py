@@ -72,8 +72,8 @@ class GenerationService:
             raise validation_error(field_name, f"has {len(text)} characters; the limit is {limit}")
 
     def resolve_max_new_tokens(self, value: int | None, field_name: str = "max_new_tokens") -> int:
-        n = self.settings.default_max_new_tokens if value is None else value
         limit = self.settings.max_new_tokens_limit
+        n = min(self.settings.default_max_new_tokens, limit) if value is None else value
         if n > limit:
             raise validation_error(field_name, f"is {n}; this server allows at most {limit}")
         return n

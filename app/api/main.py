@@ -7,6 +7,7 @@ import logging
 from fastapi import FastAPI
 
 from app.api.auth import ApiKeyMiddleware
+from app.api.deps import ApiKeyDoc
 from app.api.errors import install_error_handlers
 from app.api.lifespan import EngineLoader, load_engine, make_lifespan
 from app.api.metrics import Metrics
@@ -29,8 +30,10 @@ def create_app(settings: Settings, engine_loader: EngineLoader | None = None) ->
     metrics = Metrics()
     app.state.core = AppState(settings=settings, metrics=metrics)
     install_error_handlers(app)
-    app.include_router(generate.router)
-    app.include_router(openai.router)
+    # the bearer scheme appears in the OpenAPI document only when a key is required
+    key_doc = [ApiKeyDoc] if settings.api_key else []
+    app.include_router(generate.router, dependencies=key_doc)
+    app.include_router(openai.router, dependencies=key_doc)
     app.include_router(ops.router)
     # added last = outermost: count every answer, then check the key, then bound the body
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes)

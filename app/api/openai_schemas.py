@@ -13,7 +13,16 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from app.api.schemas import SEED_MAX, StopString
+from app.api.schemas import (
+    EXIT_OR_BUDGET,
+    FalseOnly,
+    NonNegativeInt,
+    One,
+    PositiveInt,
+    Seed,
+    StopString,
+    Zero,
+)
 
 
 class OpenAIModel(BaseModel):
@@ -26,28 +35,27 @@ class StreamOptions(OpenAIModel):
 
 
 class _Common(OpenAIModel):
+    model_config = ConfigDict(json_schema_extra=EXIT_OR_BUDGET)
+
     model: str | None = Field(None, description="any name is accepted; the served model answers")
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
-    n: int = Field(1, ge=1, le=1, description="only 1 is supported")
+    n: One = Field(1, description="only 1 is supported")
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: StopString | Annotated[list[StopString], Field(max_length=4)] | None = None
-    seed: int | None = Field(None, ge=0, le=SEED_MAX)
+    seed: Seed | None = None
     presence_penalty: float = Field(0.0, ge=0, le=0, description="not supported: must be 0")
     frequency_penalty: float = Field(0.0, ge=0, le=0, description="not supported: must be 0")
-    logprobs: Any = Field(None, description="not supported")
     user: str | None = None
     # SortedServe extensions
     budget_ms: float | None = Field(None, gt=0, description="SortedServe: latency budget")
-    exit_layer: int | None = Field(None, ge=1, description="SortedServe: force a trained exit")
-    top_k: int = Field(0, ge=0, description="SortedServe: top-k sampling, 0 is off")
+    exit_layer: PositiveInt | None = Field(None, description="SortedServe: force a trained exit")
+    top_k: NonNegativeInt = Field(0, description="SortedServe: top-k sampling, 0 is off")
     ignore_eos: bool = Field(False, description="SortedServe: keep generating past EOS")
 
     @model_validator(mode="after")
-    def _supported(self) -> _Common:
-        if self.logprobs not in (None, False, 0):
-            raise ValueError("logprobs is not supported")
+    def _exit_or_budget(self) -> _Common:
         if self.exit_layer is not None and self.budget_ms is not None:
             raise ValueError("exit_layer cannot be combined with budget_ms (the budget chooses)")
         return self
@@ -57,20 +65,19 @@ class CompletionRequest(_Common):
     prompt: str | Annotated[list[str], Field(min_length=1, max_length=1)] = Field(
         description="one prompt (a string, or a list holding one string)"
     )
-    max_tokens: int | None = Field(16, ge=1)
-    echo: bool = Field(False, description="not supported: must be false")
-    best_of: int | None = Field(None, ge=1, le=1)
+    max_tokens: PositiveInt | None = 16
+    echo: FalseOnly = Field(False, description="not supported: must be false")
+    logprobs: Zero | None = Field(None, description="not supported: 0 or null")
+    best_of: One | None = None
     suffix: str | None = Field(None, max_length=0, description="not supported")
-
-    @model_validator(mode="after")
-    def _no_echo(self) -> CompletionRequest:
-        if self.echo:
-            raise ValueError("echo is not supported")
-        return self
 
     @property
     def prompt_text(self) -> str:
         return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
+
+
+class ResponseFormat(OpenAIModel):
+    type: Literal["text"] = Field(description="only plain text is supported")
 
 
 class TextPart(OpenAIModel):
@@ -94,16 +101,11 @@ class ChatMessage(OpenAIModel):
 
 class ChatCompletionRequest(_Common):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=1, description="deprecated by OpenAI; still accepted")
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_tokens: PositiveInt | None = Field(None, description="deprecated by OpenAI; accepted")
+    max_completion_tokens: PositiveInt | None = None
+    logprobs: FalseOnly | None = Field(None, description="not supported: false or null")
     tools: list[Any] | None = Field(None, max_length=0, description="not supported")
-    response_format: dict[str, Any] | None = None
-
-    @model_validator(mode="after")
-    def _plain_text_only(self) -> ChatCompletionRequest:
-        if self.response_format not in (None, {"type": "text"}):
-            raise ValueError("response_format other than text is not supported")
-        return self
+    response_format: ResponseFormat | None = None
 
     @property
     def max_new_tokens(self) -> int | None:

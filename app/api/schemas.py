@@ -8,13 +8,43 @@ checked by ``app.api.generation``.
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
-SEED_MAX = 2**63 - 1
+SEED_MAX = 2**53 - 1  # the largest integer every JSON client (JavaScript too) holds exactly
 
+
+def _whole_number(value: Any) -> Any:
+    # JSON Schema counts 2.0 as an integer; strict pydantic would not
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+PositiveInt = Annotated[int, Field(ge=1), BeforeValidator(_whole_number)]
+NonNegativeInt = Annotated[int, Field(ge=0), BeforeValidator(_whole_number)]
+Seed = Annotated[int, Field(ge=0, le=SEED_MAX), BeforeValidator(_whole_number)]
+One = Annotated[int, Field(ge=1, le=1), BeforeValidator(_whole_number)]
+Zero = Annotated[int, Field(ge=0, le=0), BeforeValidator(_whole_number)]
+
+
+def _must_be_false(value: bool) -> bool:
+    if value:
+        raise ValueError("is not supported; only false is accepted")
+    return value
+
+
+FalseOnly = Annotated[
+    bool, Field(json_schema_extra={"const": False}), AfterValidator(_must_be_false)
+]
 StopString = Annotated[str, Field(min_length=1, max_length=256)]
+
+# JSON Schema for "not both exit_layer and budget_ms" (null counts as absent)
+EXIT_OR_BUDGET = {
+    "not": {
+        "required": ["exit_layer", "budget_ms"],
+        "properties": {"exit_layer": {"type": "integer"}, "budget_ms": {"type": "number"}},
+    }
+}
 
 
 class StrictModel(BaseModel):
@@ -22,20 +52,22 @@ class StrictModel(BaseModel):
 
 
 class GenerateRequest(StrictModel):
+    model_config = ConfigDict(json_schema_extra=EXIT_OR_BUDGET)
+
     prompt: str = Field(min_length=1, description="raw text, tokenized as the checkpoint does")
     budget_ms: float | None = Field(
         None, gt=0, description="end-to-end latency budget (arrival → last token), server side"
     )
-    max_new_tokens: int | None = Field(
-        None, ge=1, description="tokens to generate at most (default 128, capped by the server)"
+    max_new_tokens: PositiveInt | None = Field(
+        None, description="tokens to generate at most (default 128, capped by the server)"
     )
     temperature: float = Field(0.0, ge=0, le=100, description="0 is greedy")
     top_p: float = Field(1.0, gt=0, le=1)
-    top_k: int = Field(0, ge=0, description="0 is off")
-    seed: int | None = Field(None, ge=0, le=SEED_MAX, description="same seed ⇒ same output")
+    top_k: NonNegativeInt = Field(0, description="0 is off")
+    seed: Seed | None = Field(None, description="same seed ⇒ same output")
     stop: list[StopString] = Field(default_factory=list, max_length=4)
-    exit_layer: int | None = Field(
-        None, ge=1, description="force a trained exit (not together with budget_ms)"
+    exit_layer: PositiveInt | None = Field(
+        None, description="force a trained exit (not together with budget_ms)"
     )
     stream: bool = Field(False, description="server-sent events instead of one JSON object")
     ignore_eos: bool = Field(

@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
-from app.api.deps import ApiKeyDoc, ServiceDep
+from app.api.deps import ServiceDep
 from app.api.errors import error_body, error_response, error_responses
 from app.api.generation import GenerationParams, GenerationService, Job
 from app.api.middleware import ARRIVAL_KEY
@@ -19,11 +19,18 @@ from app.engine.types import FinalEvent
 
 logger = logging.getLogger(__name__)
 
-router = APIRouter(tags=["generate"], dependencies=[ApiKeyDoc])
+router = APIRouter(tags=["generate"])
 
 _STREAM_DOC = {
     SSE_MEDIA_TYPE: {
-        "schema": {"type": "string"},
+        "schema": {  # one event (OpenAPI 3.1: the schema of a stream describes each event)
+            "type": "object",
+            "properties": {
+                "event": {"type": "string", "enum": ["token", "done", "error"]},
+                "data": {"type": "string", "contentMediaType": "application/json"},
+            },
+            "required": ["event", "data"],
+        },
         "example": 'event: token\ndata: {"index": 0, "text": "Hi", "token_id": 42, '
         '"exit_layer": 6}\n\nevent: done\ndata: {...the JSON response...}\n\n',
     }

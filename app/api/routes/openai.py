@@ -15,7 +15,7 @@ from typing import Any, Literal
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
-from app.api.deps import ApiKeyDoc, ServiceDep, StateDep
+from app.api.deps import ServiceDep, StateDep
 from app.api.errors import error_body, error_response, error_responses
 from app.api.generation import GenerationParams, GenerationService, Job, stop_tuple
 from app.api.middleware import ARRIVAL_KEY
@@ -25,12 +25,13 @@ from app.engine.types import FinalEvent
 
 logger = logging.getLogger(__name__)
 
-router = APIRouter(tags=["openai"], dependencies=[ApiKeyDoc])
+router = APIRouter(tags=["openai"])
 
 Kind = Literal["completion", "chat"]
 _FINISH = {"length": "length", "stop": "stop", "eos": "stop", "cancelled": "abort"}
 _ERRORS = error_responses(401, 413, 422, 429, 500, 503)
-_STREAM_DOC = {200: {"content": {SSE_MEDIA_TYPE: {"schema": {"type": "string"}}}}}
+_EVENT = {"type": "object", "properties": {"data": {"type": "string"}}, "required": ["data"]}
+_STREAM_DOC = {200: {"content": {SSE_MEDIA_TYPE: {"schema": _EVENT}}}}
 
 
 def _sortedserve(service: GenerationService, job: Job, final: FinalEvent) -> dict[str, Any]:
