@@ -5,9 +5,10 @@ free rows → re-order rows if membership or exits changed → one decode step f
 hand events back. A request joins after its prefill and leaves when finished, between steps.
 
 Threads: callers (the asyncio side) only append to ``_inbox`` / ``_commands`` under ``_cv``; the
-worker owns everything else. Events go back with one ``loop.call_soon_threadsafe`` per event loop
-per iteration into each request's ``asyncio.Queue``, so nothing ever blocks the event loop.
-No torch type crosses this interface (see :mod:`app.engine.types`).
+worker owns everything else. Each iteration's events go, as one batch, to a relay thread
+(:mod:`app.engine.relay`) that puts them into each request's ``asyncio.Queue`` with one
+``loop.call_soon_threadsafe`` per event loop, so nothing ever blocks the event loop and waking it
+never stalls the decode loop. No torch type crosses this interface (see :mod:`app.engine.types`).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from app.engine.kv_cache import KVCache, plan_rows
 from app.engine.loader import Checkpoint, load_checkpoint
 from app.engine.model import Transformer
 from app.engine.profile import measure_profile
+from app.engine.relay import EventRelay
 from app.engine.request_state import RequestState
 from app.engine.runner import ModelRunner
 from app.engine.types import (
@@ -127,6 +129,7 @@ class Engine:
         self._running: list[RequestState] = []  # in row order once laid out
         self._layout_dirty = False
         self._outbox: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, Event]]] = {}
+        self._relay: EventRelay | None = None  # started with the worker
 
     @classmethod
     def from_pretrained(
@@ -162,6 +165,7 @@ class Engine:
         with self._cv:
             if self._thread is not None:
                 return
+            self._relay = self._relay or EventRelay()
             self._thread = threading.Thread(
                 target=self._run, name="sortedserve-engine", daemon=True
             )
@@ -180,6 +184,8 @@ class Engine:
             thread.join()
         else:
             self._cancel_unstarted()
+        if self._relay is not None:
+            self._relay.close()
 
     def stats(self) -> EngineStats:
         with self._cv:
@@ -505,11 +511,10 @@ class Engine:
 
     def _flush(self) -> None:
         outbox, self._outbox = self._outbox, {}
-        for loop, items in outbox.items():
-            try:
-                loop.call_soon_threadsafe(_deliver, items)
-            except RuntimeError:  # the caller's event loop is closed: nobody is listening
-                logger.debug("dropped %d events for a closed event loop", len(items))
+        if outbox:
+            if self._relay is None:  # events before start(): only cancellations at shutdown
+                self._relay = EventRelay()
+            self._relay.post(outbox)
 
     def _stop_all(self) -> None:
         for state in [*self._waiting, *self._running]:
@@ -526,11 +531,6 @@ class Engine:
         for state in inbox:
             self._finish(state, "cancelled")
         self._flush()
-
-
-def _deliver(items: list[tuple[asyncio.Queue, Event]]) -> None:
-    for queue, event in items:
-        queue.put_nowait(event)
 
 
 def _text_decoder(tokenizer: Any) -> Callable[[Sequence[int]], str]:

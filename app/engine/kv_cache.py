@@ -47,6 +47,7 @@ class KVCache:
         self.k_flat = [k.view(-1, head_dim) for k in self.k]
         self.v_flat = [v.view(-1, head_dim) for v in self.v]
         self.num_kv_heads = num_kv_heads
+        self._windows: dict[tuple[int, int, int], tuple[torch.Tensor, torch.Tensor]] = {}
         self.max_slots = max_slots
         self.max_seq_len = max_seq_len
 
@@ -61,6 +62,20 @@ class KVCache:
         return (
             (rows[:, None] * self.num_kv_heads + heads) * self.max_seq_len + positions[:, None]
         ).flatten()
+
+    def window(self, layer: int, rows: int, span: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of rows ``0..rows-1``, positions ``0..span-1``: ``[rows, kv_heads,
+        span, head_dim]`` views, memoised because a decode step asks for them once per layer."""
+        key = (layer, rows, span)
+        views = self._windows.get(key)
+        if views is None:
+            if len(self._windows) > 4096:
+                self._windows.clear()
+            views = self._windows[key] = (
+                self.k[layer][:rows, :, :span],
+                self.v[layer][:rows, :, :span],
+            )
+        return views
 
     def move_rows(self, moves: Sequence[tuple[int, int, int]], length: int) -> None:
         """Apply ``(src_row, dst_row, exit)`` moves at once (a permutation may swap rows).

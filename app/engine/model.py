@@ -24,9 +24,12 @@ import torch
 import torch.nn.functional as F
 
 from app.engine.kv_cache import KVCache
-from app.engine.linear import Linear
-from app.engine.rope import apply_rope, head_dim_of, interleave_permutation, rope_table
+from app.engine.linear import Linear, packed_linear_available
+from app.engine.rope import head_dim_of, interleave_permutation, rope_table
 from app.model_store import ModelStoreError
+
+KV_BLOCK = 32  # decode attention spans a multiple of this many positions
+MAX_PACKED_BYTES = 2**30  # keep oneDNN-packed weight copies up to this model size
 
 
 @dataclass(frozen=True)
@@ -110,9 +113,11 @@ class Transformer:
         self.rope = rope  # [max_seq_len, head_dim / 2] complex rotations
         self.max_seq_len = rope.shape[0]
         self.scale = args.head_dim**-0.5
-        self._q_end = args.num_heads * args.head_dim
-        self._k_end = self._q_end + args.num_kv_heads * args.head_dim
         self._group = args.num_heads // args.num_kv_heads
+        self._qk_v = (args.num_heads + args.num_kv_heads, args.num_kv_heads)
+        self._q_k = (args.num_heads, args.num_kv_heads)
+        self._norm_shape = (args.hidden_size,)
+        self._float32 = embed.dtype == torch.float32
         self._positions = torch.arange(self.max_seq_len, device=embed.device)
 
     @property
@@ -131,13 +136,21 @@ class Transformer:
         max_seq_len: int,
         device: str,
         dtype: torch.dtype,
+        packed_linear: bool = True,
     ) -> Transformer:
         a = ModelArgs.from_hf(hf_config)
         t = _Tensors(tensors)
+        weight_bytes = sum(v.numel() for v in tensors.values()) * torch.finfo(dtype).bits // 8
+        # Packed copies double the weights' memory: worth it for the small models served on CPU.
+        pack = (
+            packed_linear
+            and weight_bytes <= MAX_PACKED_BYTES
+            and packed_linear_available(torch.device(device), dtype)
+        )
 
         def linear(weight: torch.Tensor, bias: torch.Tensor | None = None) -> Linear:
             cast = bias.to(device, dtype) if bias is not None else None
-            return Linear(weight.to(device, dtype), cast)
+            return Linear(weight.to(device, dtype), cast, pack)
 
         hd, inter = a.hidden_size, a.intermediate_size
         q_dim, kv_dim = a.num_heads * a.head_dim, a.num_kv_heads * a.head_dim
@@ -208,31 +221,39 @@ class Transformer:
 
     # -- building blocks -------------------------------------------------------------------------
 
+    # The decode step is bound by per-op overhead at this scale: these helpers keep the number of
+    # torch calls per layer small (no no-op casts in float32, one split instead of slices).
+
     def _norm(self, x: torch.Tensor) -> torch.Tensor:
-        """RMSNorm without its weight (folded into the next projection), in float32 as the
-        reference computes it."""
-        return F.rms_norm(x.float(), (x.shape[-1],), eps=self.args.rms_norm_eps).to(x.dtype)
+        """RMSNorm without its weight (folded into the next projection), computed in float32 as
+        the reference computes it."""
+        eps = self.args.rms_norm_eps
+        if self._float32:
+            return F.rms_norm(x, self._norm_shape, eps=eps)
+        return F.rms_norm(x.float(), self._norm_shape, eps=eps).to(x.dtype)
 
     def _qkv(
         self, x: torch.Tensor, w: Layer, rope: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Rotated ``q [t, heads, d]`` and ``k [t, kv_heads, d]``, and ``v [t, kv_heads, d]``."""
-        a = self.args
-        t = x.shape[0]
-        qkv = w.qkv(self._norm(x))
-        qk = apply_rope(qkv[:, : self._k_end].view(t, -1, a.head_dim), rope)
-        v = qkv[:, self._k_end :].view(t, a.num_kv_heads, a.head_dim)
-        return qk[:, : a.num_heads], qk[:, a.num_heads :], v
+        """Rotated ``q [t, heads, d/2, 2]`` and ``k [t, kv_heads, d/2, 2]``, and ``v`` alike."""
+        qkv = w.qkv(self._norm(x)).view(x.shape[0], -1, self.args.head_dim // 2, 2)
+        qk, v = qkv.split(self._qk_v, dim=1)
+        if self._float32:
+            qk = torch.view_as_real(torch.view_as_complex(qk) * rope)
+        else:
+            qk = torch.view_as_real(torch.view_as_complex(qk.float()) * rope).to(x.dtype)
+        q, k = qk.split(self._q_k, dim=1)
+        return q, k, v
 
     def _mlp(self, x: torch.Tensor, w: Layer) -> torch.Tensor:
         """``x + down(silu(gate(norm x)) * up(norm x))``."""
-        gate_up = w.gate_up(self._norm(x))
-        inter = self.args.intermediate_size
-        return w.down.add(F.silu(gate_up[:, :inter]) * gate_up[:, inter:], x)
+        gate, up = w.gate_up(self._norm(x)).chunk(2, dim=1)
+        return w.down.add(F.silu(gate).mul_(up), x)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """Final norm and the shared head, in float32 for sampling."""
-        return self.head(self._norm(x)).float()
+        out = self.head(self._norm(x))
+        return out if self._float32 else out.float()
 
     # -- prefill ----------------------------------------------------------------------------------
 
@@ -255,7 +276,8 @@ class Transformer:
         for layer in range(exit_layer):
             w = self.layers[layer]
             q, k, v = self._qkv(x, w, rope)
-            k, v = k.transpose(0, 1), v.transpose(0, 1)  # [kv_heads, t, d]
+            q = q.flatten(-2)
+            k, v = k.flatten(-2).transpose(0, 1), v.flatten(-2).transpose(0, 1)  # [kv_heads, t, d]
             if cache is not None:
                 cache.k[layer][row, :, :t] = k
                 cache.v[layer][row, :, :t] = v
@@ -291,12 +313,17 @@ class Transformer:
         a = self.args
         n = ids.shape[0]
         x = F.embedding(ids, self.embed)
-        rope = self.rope[positions][:, None, :]
-        mask = (self._positions[:kv_len] <= positions[:, None]).view(n, 1, 1, kv_len)
+        rope = self.rope[positions].unsqueeze(1)
+        # Attend over a window rounded up to KV_BLOCK positions, so that the per-layer cache views
+        # stay the same (and are reused) for KV_BLOCK steps; the mask hides the extra positions.
+        span = min(self.max_seq_len, -(-kv_len // KV_BLOCK) * KV_BLOCK)
+        # An additive float mask: the CPU attention kernel is about twice as fast with it as
+        # with a boolean one at decode shapes.
+        hidden = self._positions[:span] > positions[:, None]
+        mask = torch.where(hidden, float("-inf"), 0.0).to(self.dtype).view(n, 1, 1, span)
         index = cache.flat_index(self._positions[:n], positions)
-        kv_heads = a.num_kv_heads
+        kv_heads, group, head_dim = a.num_kv_heads, self._group, a.head_dim
         exited: list[torch.Tensor] = []
-        views: tuple[torch.Tensor, ...] = ()
         m = -1
         for layer, rows in enumerate(rows_by_layer):
             if rows != m:
@@ -304,18 +331,17 @@ class Transformer:
                     exited.append(x[rows:])
                     x = x[:rows]
                 m = rows
-                views = (rope[:m], mask[:m], index[: m * kv_heads])
-            m_rope, m_mask, m_index = views
+                m_rope, m_mask, m_index = rope[:m], mask[:m], index[: m * kv_heads]
             w = self.layers[layer]
             q, k, v = self._qkv(x, w, m_rope)
-            cache.k_flat[layer].index_copy_(0, m_index, k.reshape(-1, a.head_dim))
-            cache.v_flat[layer].index_copy_(0, m_index, v.reshape(-1, a.head_dim))
-            kc, vc = cache.k[layer], cache.v[layer]
+            cache.k_flat[layer].index_copy_(0, m_index, k.reshape(-1, head_dim))
+            cache.v_flat[layer].index_copy_(0, m_index, v.reshape(-1, head_dim))
+            keys, values = cache.window(layer, m, span)
             # One query token: the heads sharing a kv head act as that head's query rows.
             out = F.scaled_dot_product_attention(
-                q.reshape(m, a.num_kv_heads, self._group, a.head_dim),
-                kc[:m, :, :kv_len],
-                vc[:m, :, :kv_len],
+                q.reshape(m, kv_heads, group, head_dim),
+                keys,
+                values,
                 attn_mask=m_mask,
                 scale=self.scale,
             )

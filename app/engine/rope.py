@@ -80,13 +80,3 @@ def interleave_permutation(head_dim: int) -> torch.Tensor:
     """
     half = head_dim // 2
     return torch.stack((torch.arange(half), torch.arange(half) + half), dim=1).flatten()
-
-
-def apply_rope(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved ``x [..., heads, head_dim]`` by ``table [..., 1, head_dim / 2]``.
-
-    In float32 whatever the model dtype (the reference rotates in the model dtype; this is at
-    least as precise).
-    """
-    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
-    return torch.view_as_real(pairs * table).flatten(-2).to(x.dtype)
