@@ -35,6 +35,19 @@ CASES = {
     "mistral": dict(model_type="mistral", num_kv_heads=1),
     "qwen2-untied-bias": dict(model_type="qwen2", tie_word_embeddings=False, num_kv_heads=4),
     "llama3-rope": dict(model_type="llama", rope_parameters=LLAMA3_ROPE),
+    "yarn-rope": dict(
+        model_type="qwen2",
+        rope_parameters={
+            "rope_type": "yarn",
+            "rope_theta": 10000.0,
+            "factor": 4.0,
+            "original_max_position_embeddings": 64,
+        },
+    ),
+    "dynamic-rope": dict(
+        model_type="mistral",
+        rope_parameters={"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0},
+    ),
     "linear-rope": dict(
         model_type="llama",
         rope_parameters={"rope_type": "linear", "rope_theta": 500.0, "factor": 4.0},

@@ -2,7 +2,7 @@
 
 The inverse frequencies (and the attention scaling of yarn-style variants) come from
 ``transformers.modeling_rope_utils.ROPE_INIT_FUNCTIONS``, so every static scaling variant a LLaMA,
-Mistral or Qwen2 config can name (default, linear, llama3, yarn) matches the reference bit for bit.
+Mistral or Qwen2 config can name (default, linear, llama3, yarn) uses the reference frequencies.
 ``dynamic`` NTK scaling equals the default frequencies up to ``max_position_embeddings``, so the
 engine caps the context there; ``longrope`` switches frequencies with the sequence length and is
 refused.
