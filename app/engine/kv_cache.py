@@ -1,10 +1,12 @@
 """The KV cache: one preallocated, contiguous slot per running request, per layer.
 
-Layout: ``k[layer]`` and ``v[layer]`` are ``[max_slots, kv_heads, max_seq_len, head_dim]`` views
-of two tensors allocated once at start-up. A slot is a *row*; the engine keeps the running requests
-in rows ``0..n-1`` ordered by exit, deepest first, so layer ``l`` works on the prefix of rows whose
-exit is deeper than ``l``: a plain slice, no gather, no copy. A request's row only ever receives
-the layers up to its exit; the deeper layers of that row are stale and never read.
+Layout: ``kv[layer]`` is a ``[max_slots, 2 * kv_heads, max_seq_len, head_dim]`` view of one tensor
+allocated at start-up: the keys' heads, then the values' heads (``k[layer]``/``v[layer]`` are the
+two halves), so a decode step writes both with one copy. A slot is a *row*; the engine keeps the
+running requests in rows ``0..n-1`` ordered by exit, deepest first, so layer ``l`` works on the
+prefix of rows whose exit is deeper than ``l``: a plain slice, no gather, no copy. A request's row
+only ever receives the layers up to its exit; the deeper layers of that row are stale and never
+read.
 
 Why contiguous and not paged: the served models are small and the context is bounded
 (``max_seq_len``), so reserving the whole context per slot costs little memory
@@ -35,17 +37,16 @@ class KVCache:
         device: str | torch.device,
         dtype: torch.dtype,
     ) -> None:
-        shape = (num_layers, max_slots, num_kv_heads, max_seq_len, head_dim)
+        shape = (num_layers, max_slots, 2 * num_kv_heads, max_seq_len, head_dim)
         # Zeros, not empty: masked positions still enter the attention product, and an
         # uninitialised NaN there would poison the softmax-weighted sum.
-        self._k = torch.zeros(shape, device=device, dtype=dtype)
-        self._v = torch.zeros(shape, device=device, dtype=dtype)
-        self.k: list[torch.Tensor] = list(self._k.unbind(0))
-        self.v: list[torch.Tensor] = list(self._v.unbind(0))
-        # The same memory as [slots * kv_heads * max_seq_len, head_dim]: a decode step writes its
-        # new keys and values with one index_copy_ per layer (see flat_index).
-        self.k_flat = [k.view(-1, head_dim) for k in self.k]
-        self.v_flat = [v.view(-1, head_dim) for v in self.v]
+        self._kv = torch.zeros(shape, device=device, dtype=dtype)
+        self.kv: list[torch.Tensor] = list(self._kv.unbind(0))
+        self.k = [kv[:, :num_kv_heads] for kv in self.kv]
+        self.v = [kv[:, num_kv_heads:] for kv in self.kv]
+        # The same memory as [slots * 2 * kv_heads * max_seq_len, head_dim]: a decode step writes
+        # its new keys and values with one index_copy_ per layer (see flat_index).
+        self.flat = [kv.view(-1, head_dim) for kv in self.kv]
         self.num_kv_heads = num_kv_heads
         self._windows: dict[tuple[int, int, int], tuple[torch.Tensor, torch.Tensor]] = {}
         self.max_slots = max_slots
@@ -53,14 +54,16 @@ class KVCache:
 
     @property
     def nbytes(self) -> int:
-        return self._k.nbytes + self._v.nbytes
+        return self._kv.nbytes
 
     def flat_index(self, rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Rows of ``k_flat`` for each (row, kv head) at ``positions``: ``[n * kv_heads]``,
-        row-major, so the first ``m * kv_heads`` entries serve the first ``m`` rows."""
-        heads = torch.arange(self.num_kv_heads, device=rows.device)
+        """Rows of ``flat`` for each (row, key or value head) at ``positions``:
+        ``[n * 2 * kv_heads]``, row-major, so the first ``m * 2 * kv_heads`` serve the first ``m``
+        rows."""
+        heads = torch.arange(2 * self.num_kv_heads, device=rows.device)
         return (
-            (rows[:, None] * self.num_kv_heads + heads) * self.max_seq_len + positions[:, None]
+            (rows[:, None] * (2 * self.num_kv_heads) + heads) * self.max_seq_len
+            + positions[:, None]
         ).flatten()
 
     def window(self, layer: int, rows: int, span: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -84,15 +87,15 @@ class KVCache:
         """
         if not moves:
             return
-        device = self._k.device
+        device = self._kv.device
         deepest = max(exit_layer for _, _, exit_layer in moves)
         for layer in range(deepest):
             sel = [(s, d) for s, d, e in moves if e > layer]
             src = torch.tensor([s for s, _ in sel], device=device)
             dst = torch.tensor([d for _, d in sel], device=device)
-            for cache in (self.k[layer], self.v[layer]):
-                # Advanced indexing on the right makes a copy first, so overlapping moves are safe.
-                cache[dst, :, :length] = cache[src, :, :length]
+            cache = self.kv[layer]
+            # Advanced indexing on the right makes a copy first, so overlapping moves are safe.
+            cache[dst, :, :length] = cache[src, :, :length]
 
 
 def plan_rows(current: Sequence[int], exits: Sequence[int]) -> list[int]:

@@ -114,9 +114,13 @@ class Transformer:
         self.max_seq_len = rope.shape[0]
         self.scale = args.head_dim**-0.5
         self._group = args.num_heads // args.num_kv_heads
-        self._qk_v = (args.num_heads + args.num_kv_heads, args.num_kv_heads)
-        self._q_k = (args.num_heads, args.num_kv_heads)
-        self._norm_shape = (args.hidden_size,)
+        self._heads = args.num_heads
+        # Rotation per head: q and k heads rotate with the position, v heads do not (times 1).
+        self._unrotated = (
+            torch.arange(args.num_heads + 2 * args.num_kv_heads, device=embed.device)
+            >= args.num_heads + args.num_kv_heads
+        )[None, :, None]
+        self._one = torch.ones((), dtype=rope.dtype, device=embed.device)
         self._float32 = embed.dtype == torch.float32
         self._positions = torch.arange(self.max_seq_len, device=embed.device)
 
@@ -228,22 +232,23 @@ class Transformer:
         """RMSNorm without its weight (folded into the next projection), computed in float32 as
         the reference computes it."""
         eps = self.args.rms_norm_eps
-        if self._float32:
-            return F.rms_norm(x, self._norm_shape, eps=eps)
-        return F.rms_norm(x.float(), self._norm_shape, eps=eps).to(x.dtype)
+        if self._float32:  # the reference's formula, with fewer ops than F.rms_norm on CPU
+            return x * x.pow(2).mean(-1, keepdim=True).add_(eps).rsqrt_()
+        h = x.float()
+        return (h * h.pow(2).mean(-1, keepdim=True).add_(eps).rsqrt_()).to(x.dtype)
 
-    def _qkv(
-        self, x: torch.Tensor, w: Layer, rope: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Rotated ``q [t, heads, d/2, 2]`` and ``k [t, kv_heads, d/2, 2]``, and ``v`` alike."""
+    def _rotations(self, positions: torch.Tensor) -> torch.Tensor:
+        """``[t, heads + 2 * kv_heads, head_dim / 2]`` complex: each q and k head's rotation at
+        its position, and 1 for the v heads, so one multiply serves the whole projection."""
+        return torch.where(self._unrotated, self._one, self.rope[positions][:, None, :])
+
+    def _qkv(self, x: torch.Tensor, w: Layer, rotations: torch.Tensor) -> torch.Tensor:
+        """``[t, heads + 2 * kv_heads, head_dim]``: rotated q heads, rotated k heads, v heads."""
         qkv = w.qkv(self._norm(x)).view(x.shape[0], -1, self.args.head_dim // 2, 2)
-        qk, v = qkv.split(self._qk_v, dim=1)
         if self._float32:
-            qk = torch.view_as_real(torch.view_as_complex(qk) * rope)
-        else:
-            qk = torch.view_as_real(torch.view_as_complex(qk.float()) * rope).to(x.dtype)
-        q, k = qk.split(self._q_k, dim=1)
-        return q, k, v
+            return torch.view_as_real(torch.view_as_complex(qkv) * rotations).flatten(-2)
+        rotated = torch.view_as_complex(qkv.float()) * rotations
+        return torch.view_as_real(rotated).flatten(-2).to(x.dtype)
 
     def _mlp(self, x: torch.Tensor, w: Layer) -> torch.Tensor:
         """``x + down(silu(gate(norm x)) * up(norm x))``."""
@@ -272,19 +277,17 @@ class Transformer:
         a = self.args
         t = ids.shape[0]
         x = F.embedding(ids, self.embed)
-        rope = self.rope[:t, None, :]
+        rotations = self._rotations(self._positions[:t])
+        heads, kv_heads = a.num_heads, a.num_kv_heads
         for layer in range(exit_layer):
             w = self.layers[layer]
-            q, k, v = self._qkv(x, w, rope)
-            q = q.flatten(-2)
-            k, v = k.flatten(-2).transpose(0, 1), v.flatten(-2).transpose(0, 1)  # [kv_heads, t, d]
+            qkv = self._qkv(x, w, rotations).transpose(0, 1)  # [all heads, t, d]
             if cache is not None:
-                cache.k[layer][row, :, :t] = k
-                cache.v[layer][row, :, :t] = v
+                cache.kv[layer][row, :, :t] = qkv[heads:]
             out = F.scaled_dot_product_attention(
-                q.transpose(0, 1)[None],
-                k[None],
-                v[None],
+                qkv[None, :heads],
+                qkv[None, heads : heads + kv_heads],
+                qkv[None, heads + kv_heads :],
                 is_causal=True,
                 scale=self.scale,
                 enable_gqa=a.num_heads != a.num_kv_heads,
@@ -313,7 +316,7 @@ class Transformer:
         a = self.args
         n = ids.shape[0]
         x = F.embedding(ids, self.embed)
-        rope = self.rope[positions].unsqueeze(1)
+        rotations = self._rotations(positions)
         # Attend over a window rounded up to KV_BLOCK positions, so that the per-layer cache views
         # stay the same (and are reused) for KV_BLOCK steps; the mask hides the extra positions.
         span = min(self.max_seq_len, -(-kv_len // KV_BLOCK) * KV_BLOCK)
@@ -322,7 +325,7 @@ class Transformer:
         hidden = self._positions[:span] > positions[:, None]
         mask = torch.where(hidden, float("-inf"), 0.0).to(self.dtype).view(n, 1, 1, span)
         index = cache.flat_index(self._positions[:n], positions)
-        kv_heads, group, head_dim = a.num_kv_heads, self._group, a.head_dim
+        heads, kv_heads, group, head_dim = a.num_heads, a.num_kv_heads, self._group, a.head_dim
         exited: list[torch.Tensor] = []
         m = -1
         for layer, rows in enumerate(rows_by_layer):
@@ -331,15 +334,14 @@ class Transformer:
                     exited.append(x[rows:])
                     x = x[:rows]
                 m = rows
-                m_rope, m_mask, m_index = rope[:m], mask[:m], index[: m * kv_heads]
+                m_rot, m_mask, m_index = rotations[:m], mask[:m], index[: m * 2 * kv_heads]
             w = self.layers[layer]
-            q, k, v = self._qkv(x, w, m_rope)
-            cache.k_flat[layer].index_copy_(0, m_index, k.reshape(-1, head_dim))
-            cache.v_flat[layer].index_copy_(0, m_index, v.reshape(-1, head_dim))
+            qkv = self._qkv(x, w, m_rot)
+            cache.flat[layer].index_copy_(0, m_index, qkv[:, heads:].reshape(-1, head_dim))
             keys, values = cache.window(layer, m, span)
             # One query token: the heads sharing a kv head act as that head's query rows.
             out = F.scaled_dot_product_attention(
-                q.reshape(m, kv_heads, group, head_dim),
+                qkv[:, :heads].view(m, kv_heads, group, head_dim),
                 keys,
                 values,
                 attn_mask=m_mask,
