@@ -280,3 +280,36 @@ def test_a_newcomer_does_not_make_running_requests_late() -> None:
     assert alone.exit_layer == 3  # anything deeper would slow "running" past its budget
     sched.finish("running")
     assert sched.decide(10, 11, budget_ms=10_000.0).exit_layer == 12
+
+
+def test_online_model_learns_the_prefill_stalls_of_newcomers() -> None:
+    sched, clock = make(slots=16, stall_alpha=0.05)
+    rows = [Row("r0", 6, 1)]
+    for step in range(1, 400):
+        seconds = decode_ms(6, len(rows)) / 1000
+        clock.t += seconds + 0.001  # 1 ms of bookkeeping between steps
+        if step % 10 == 0:  # a newcomer's 20 ms prefill every 10 steps
+            clock.t += 0.020
+            rows = [*rows[-3:], Row(f"r{step}", 6, 1)]
+        sched.on_step(Report(clock.t, seconds, tuple(rows)))
+    snap = sched.latency.snapshot()
+    assert snap["gap_ms"] == pytest.approx(1.0, rel=0.05)
+    assert snap["stall_ms"] == pytest.approx(2.0, rel=0.35)  # 20 ms per 10 steps
+
+
+def test_safety_margin_shrinks_on_misses_and_recovers() -> None:
+    sched, _ = make(miss_target=0.05, margin_step=0.1)
+    roomy = sched.decide(20, 21, budget_ms=1000.0)
+    for i in range(5):  # feasible requests that missed: the model is too optimistic here
+        sched.admit(f"m{i}", 20, 21, budget_ms=100.0)
+        sched.finish(f"m{i}", total_ms=150.0)
+    shrunk = sched.snapshot()["safety_margin"]
+    assert shrunk == pytest.approx(0.9**5, rel=1e-3)
+    sched.admit("hopeless", 20, 21, budget_ms=0.01)
+    sched.finish("hopeless", total_ms=50.0)  # infeasible from the start: teaches nothing
+    assert sched.snapshot()["safety_margin"] == shrunk
+    for i in range(400):
+        sched.admit(f"ok{i}", 20, 21, budget_ms=1000.0)
+        sched.finish(f"ok{i}", total_ms=10.0)
+    assert sched.snapshot()["safety_margin"] == 1.0
+    assert sched.decide(20, 21, budget_ms=1000.0) == roomy

@@ -164,7 +164,12 @@ class GenerationService:
             self.engine.cancel(job.request_id)  # thread-safe; a no-op for a finished request
             self.scheduler.finish(job.request_id)
             return
-        self.scheduler.finish(job.request_id, queue_ms=final.queue_ms, ttft_ms=final.ttft_ms)
+        self.scheduler.finish(
+            job.request_id,
+            queue_ms=final.queue_ms,
+            ttft_ms=final.ttft_ms,
+            total_ms=final.total_ms if final.finish_reason != "cancelled" else None,
+        )
         if final.finish_reason in ("cancelled", "error"):
             return
         self.metrics.observe_finished(

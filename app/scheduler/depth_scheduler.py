@@ -21,6 +21,10 @@ online.py). A budgeted request with ``remaining`` tokens still to make needs
   (with headroom); a request that cannot make it even with the whole batch at the shallowest exit
   goes there and no longer holds the others back. Exits only ever go down; requests without a
   budget (or with ``exit_layer``) are never moved.
+- **After every request**, the safety margin learns from the outcome: a feasible request that
+  missed its budget shrinks the margin applied to ``headroom`` and ``recheck`` (the machine is
+  noisier than the model knows); every met one grows it back a little, so that in steady state
+  about ``miss_target`` of feasible requests miss.
 """
 
 from __future__ import annotations
@@ -68,14 +72,17 @@ class _Plan:
     lowerable: bool  # only budgeted requests are ever lowered
     started: bool = False  # seen in a step report
     gone: bool = False  # left the batch (finished in the engine; finish() comes soon)
+    abandoned: bool = False  # judged unable to meet its budget: no longer holds others back
+    feasible: bool = True  # the prediction at arrival fitted the budget
     generated: int = 0
 
-    def allowed_pace(self, now: float, fraction: float) -> float:
-        """Largest ms per token that still lands within ``budget × fraction`` (inf: no budget)."""
+    def allowed_pace(self, now: float, fraction: float, stall_ms: float = 0.0) -> float:
+        """Largest ms per token that still lands within ``budget × fraction`` (inf: no budget),
+        after a ``stall_ms`` pause of the batch (prefills of newcomers run between steps)."""
         remaining = self.max_new_tokens - self.generated
         if self.budget_ms is None or remaining <= 0:
             return math.inf
-        return (self.budget_ms * fraction - (now - self.arrival) * 1000) / remaining
+        return (self.budget_ms * fraction - (now - self.arrival) * 1000 - stall_ms) / remaining
 
 
 @dataclass(frozen=True)
@@ -86,6 +93,10 @@ class SchedulerConfig:
     alpha: float = 0.1  # EWMA weight of each new measurement
     prefill_emits_token: bool = True  # the prefill forward yields the first new token
     cell_samples: int = 8  # steps seen in a (deepest exit, batch size) cell before it counts
+    stall_alpha: float = 0.01  # EWMA weight of each step in the average prefill stall
+    miss_target: float = 0.03  # share of feasible requests the safety margin lets miss
+    margin_step: float = 0.05  # how much one miss shrinks the margin (relative)
+    margin_min: float = 0.5
 
 
 class DepthScheduler:
@@ -104,9 +115,15 @@ class DepthScheduler:
         self._lock = threading.Lock()
         self._plans: dict[str, _Plan] = {}  # insertion order = arrival order
         self.latency = StepLatencyModel(
-            profile, alpha=self.config.alpha, cell_samples=self.config.cell_samples
+            profile,
+            alpha=self.config.alpha,
+            cell_samples=self.config.cell_samples,
+            stall_alpha=self.config.stall_alpha,
         )
         self.steps_seen = 0
+        self.lowered = 0  # exits lowered by the per-step re-check
+        self.abandoned = 0  # requests judged unable to meet their budget while running
+        self.margin = 1.0  # learnt safety margin on headroom and recheck (≤ 1)
 
     # -- arrival -----------------------------------------------------------------------------
     def decide(
@@ -142,6 +159,7 @@ class DepthScheduler:
                 budget_ms=budget_ms,
                 exit_layer=decision.exit_layer,
                 lowerable=budget_ms is not None,
+                feasible=decision.feasible,
             )
             return decision
 
@@ -172,26 +190,39 @@ class DepthScheduler:
             k = exit_layer if exit_layer is not None else self.exits[-1]
             reason = "exit_layer" if exit_layer is not None else "no_budget"
             return Decision(k, predict(k, False)[0], budget_ms, True, wait_ms, batch, reason)
-        target = budget_ms * self.config.headroom
-        others = self._others_limit(co_plans)
+        target = budget_ms * self._headroom
         for capped in (False, True):
             for k in reversed(self.exits):
                 predicted, pace = predict(k, capped)
-                if predicted <= target and pace <= others:
+                stall = self.latency.prefill_ms(k, prompt_tokens)
+                if predicted <= target and pace <= self._others_limit(co_plans, stall):
                     return Decision(k, predicted, budget_ms, True, wait_ms, batch, "budget")
         predicted = predict(self.exits[0], True)[0]
         feasible = predicted <= budget_ms
         return Decision(self.exits[0], predicted, budget_ms, feasible, wait_ms, batch, "budget")
 
-    def _others_limit(self, co_plans: list[_Plan]) -> float:
-        """The slowest pace that keeps every running, still savable budgeted request on time."""
+    def _others_limit(self, co_plans: list[_Plan], stall_ms: float) -> float:
+        """The slowest pace that keeps every running, still savable budgeted request on time
+        when a newcomer's prefill first stalls the batch for ``stall_ms``."""
         now = self._clock()
         shallowest = self.exits[0]
         floor = self.latency.token_ms(
             [shallowest if p.lowerable else p.exit_layer for p in co_plans] + [shallowest]
         )
-        paces = [p.allowed_pace(now, self.config.headroom) for p in co_plans if p.started]
+        pending = self._pending_prefill_ms()
+        paces = [
+            p.allowed_pace(now, self._headroom, pending + stall_ms)
+            for p in co_plans
+            if p.started and not p.gone
+        ]
         return min((pace for pace in paces if pace >= floor), default=math.inf)
+
+    def _pending_prefill_ms(self) -> float:
+        """Prefills due before the next step: waiting requests that will get a free slot."""
+        running = sum(1 for p in self._plans.values() if p.started and not p.gone)
+        free = max(self.config.max_slots - running, 0)
+        waiting = [p for p in self._plans.values() if not p.started][:free]
+        return sum(self.latency.prefill_ms(p.exit_layer, p.prompt_tokens) for p in waiting)
 
     def _decode_steps(self, max_new_tokens: int) -> int:
         return max(max_new_tokens - (1 if self.config.prefill_emits_token else 0), 0)
@@ -227,13 +258,36 @@ class DepthScheduler:
 
     # -- departure ---------------------------------------------------------------------------
     def finish(
-        self, request_id: str, queue_ms: float | None = None, ttft_ms: float | None = None
+        self,
+        request_id: str,
+        queue_ms: float | None = None,
+        ttft_ms: float | None = None,
+        total_ms: float | None = None,
     ) -> None:
-        """Forget a request; its measured prefill (ttft − queue) corrects the prefill estimate."""
+        """Forget a request; learn from its prefill (ttft − queue) and its budget outcome."""
         with self._lock:
             plan = self._plans.pop(request_id, None)
-            if plan is not None and queue_ms is not None and ttft_ms is not None:
+            if plan is None:
+                return
+            if queue_ms is not None and ttft_ms is not None:
                 self.latency.learn_prefill(plan.exit_layer, plan.prompt_tokens, ttft_ms - queue_ms)
+            if total_ms is not None and plan.budget_ms is not None and plan.feasible:
+                self._learn_margin(missed=total_ms > plan.budget_ms)
+
+    def _learn_margin(self, missed: bool) -> None:
+        cfg = self.config
+        down = 1 - cfg.margin_step
+        # equilibrium: miss_target·log(down) + (1 − miss_target)·log(up) = 0
+        up = math.exp(-cfg.miss_target * math.log(down) / (1 - cfg.miss_target))
+        self.margin = min(max(self.margin * (down if missed else up), cfg.margin_min), 1.0)
+
+    @property
+    def _headroom(self) -> float:
+        return self.config.headroom * self.margin
+
+    @property
+    def _recheck_fraction(self) -> float:
+        return self.config.recheck * self.margin
 
     # -- every decode step (engine thread) ---------------------------------------------------
     def on_step(self, report: StepReportLike) -> dict[str, int]:
@@ -259,19 +313,24 @@ class DepthScheduler:
             return {}
         exits = {p.request_id: p.exit_layer for p in running}
         shallowest = self.exits[0]
-        cfg = self.config
+        stall = self._pending_prefill_ms()
         pace = self.latency.token_ms(list(exits.values()))
-        if pace <= min(p.allowed_pace(now, cfg.recheck) for p in budgeted):
+        headroom, recheck = self._headroom, self._recheck_fraction
+        if pace <= min(p.allowed_pace(now, recheck, stall) for p in budgeted):
             return {}  # everyone is on track
-        # The fastest this batch can go: every budgeted row at the shallowest exit.
+        # The fastest this batch can go, in the best case: every budgeted row at the shallowest
+        # exit, and no newcomer's prefill in the way. Slower than that is late whatever happens.
         floor = self.latency.token_ms(
-            [shallowest if p.lowerable else p.exit_layer for p in running]
+            [shallowest if p.lowerable else p.exit_layer for p in running], stalls=False
         )
-        savable = [p for p in budgeted if p.allowed_pace(now, cfg.recheck) >= floor]
+        savable = [p for p in budgeted if p.allowed_pace(now, 1.0) >= floor]
         for p in budgeted:
-            if p not in savable:  # late whatever happens: as fast as possible, and out of the way
+            if p not in savable:  # as fast as possible, and out of the others' way
                 exits[p.request_id] = shallowest
-        target = min((p.allowed_pace(now, cfg.headroom) for p in savable), default=math.inf)
+                if not p.abandoned:
+                    p.abandoned = True
+                    self.abandoned += 1
+        target = min((p.allowed_pace(now, headroom, stall) for p in savable), default=math.inf)
         lowerable = [p for p in budgeted if p in savable]
         while lowerable and self.latency.token_ms(list(exits.values())) > target:
             top = max(exits[p.request_id] for p in lowerable)
@@ -285,6 +344,7 @@ class DepthScheduler:
         for p in budgeted:
             if exits[p.request_id] < p.exit_layer:
                 changes[p.request_id] = p.exit_layer = exits[p.request_id]
+        self.lowered += len(changes)
         if changes:
             logger.debug("lowered exits: %s", changes)
         return changes
@@ -296,7 +356,10 @@ class DepthScheduler:
                 **self.latency.snapshot(),
                 "tracked_requests": len(self._plans),
                 "steps_seen": self.steps_seen,
-                "headroom": self.config.headroom,
+                "lowered_exits": self.lowered,
+                "abandoned_requests": self.abandoned,
+                "headroom": round(self._headroom, 4),
+                "safety_margin": round(self.margin, 4),
             }
 
     def exits_of(self, request_ids: Sequence[str]) -> Mapping[str, int]:

@@ -1,14 +1,16 @@
 """Online correction of the latency profile from the engine's measured decode steps.
 
-The per-token latency a running request sees is one decode step plus the gap before the next one
-(prefills of newcomers, bookkeeping)::
+The per-token latency a running request sees is one decode step, the engine's bookkeeping before
+the next one, and, now and then, the prefill of a newcomer that joins the batch between steps::
 
-    token_ms(batch) = profile.step_ms(batch) × scale(deepest exit, batch size) + gap_ms
+    token_ms(batch) = profile.step_ms(batch) × scale(deepest exit, batch size) + gap_ms + stall_ms
 
 ``scale`` is an EWMA of measured/predicted step time, kept per (deepest exit, batch size) cell
-once that cell has been seen often enough, else one global EWMA; ``gap_ms`` is an EWMA of the time
-between consecutive steps that share a row, minus the step itself. Pure Python; not thread-safe on
-its own (the depth scheduler holds the lock).
+once that cell has been seen often enough, else one global EWMA. Between two consecutive steps
+that share a row, the time outside the steps is ``gap_ms`` (an EWMA over steps where nobody
+joined) or, when a newcomer joined, its prefill stall; ``stall_ms`` is the stall per step averaged
+over a longer window (zeros included), i.e. the expected cost of future arrivals. Pure Python; not
+thread-safe on its own (the depth scheduler holds the lock).
 """
 
 from __future__ import annotations
@@ -56,15 +58,18 @@ class StepLatencyModel:
         min_scale: float = 0.2,
         max_scale: float = 5.0,
         cell_samples: int = 8,
+        stall_alpha: float = 0.01,
     ) -> None:
         self.profile = profile
         self.alpha = alpha
         self.min_scale = min_scale
         self.max_scale = max_scale
         self.cell_samples = cell_samples
+        self.stall_alpha = stall_alpha
         self._scale = _Ewma(1.0)
         self._cells: dict[tuple[int, int], _Ewma] = {}
         self._gap = _Ewma(0.0)
+        self._stall = _Ewma(0.0)
         self._prefill = _Ewma(1.0)
         self._last: tuple[float, frozenset[str]] | None = None
 
@@ -78,9 +83,13 @@ class StepLatencyModel:
     def step_ms(self, row_exits: Sequence[int]) -> float:
         return self.profile.step_ms(row_exits) * self.scale(row_exits) if row_exits else 0.0
 
-    def token_ms(self, row_exits: Sequence[int]) -> float:
-        """Time between two tokens of a request running in this batch."""
-        return self.step_ms(row_exits) + self._gap.value if row_exits else 0.0
+    def token_ms(self, row_exits: Sequence[int], stalls: bool = True) -> float:
+        """Time between two tokens of a request running in this batch; ``stalls=False`` leaves
+        out the expected prefills of future arrivals (the best case)."""
+        if not row_exits:
+            return 0.0
+        stall = self._stall.value if stalls else 0.0
+        return self.step_ms(row_exits) + self._gap.value + stall
 
     def prefill_ms(self, exit_layer: int, prompt_tokens: int) -> float:
         return self.profile.prefill_ms(exit_layer, prompt_tokens) * self._prefill.value
@@ -101,8 +110,12 @@ class StepLatencyModel:
             self._cells.setdefault(key, _Ewma(self._scale.value)).add(ratio, self.alpha)
         ids = frozenset(r.request_id for r in report.rows)
         if self._last is not None and ids & self._last[1]:
-            gap_ms = (report.now - self._last[0] - report.step_seconds) * 1000
-            self._gap.add(max(gap_ms, 0.0), self.alpha)
+            outside_ms = max((report.now - self._last[0] - report.step_seconds) * 1000, 0.0)
+            if ids - self._last[1]:  # someone joined: a prefill ran between the steps
+                self._stall.add(max(outside_ms - self._gap.value, 0.0), self.stall_alpha)
+            else:
+                self._gap.add(outside_ms, self.alpha)
+                self._stall.add(0.0, self.stall_alpha)
         self._last = (report.now, ids)
 
     def learn_prefill(self, exit_layer: int, prompt_tokens: int, measured_ms: float) -> None:
@@ -119,5 +132,6 @@ class StepLatencyModel:
                 if c.samples >= self.cell_samples
             },
             "gap_ms": round(self._gap.value, 4),
+            "stall_ms": round(self._stall.value, 4),
             "prefill_correction": round(self._prefill.value, 4),
         }
