@@ -42,7 +42,6 @@ def _ints(text: str) -> list[int]:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_engine_arguments(p, "batch")
-    p.set_defaults(max_new_tokens=64)
     p.add_argument(
         "--streams",
         type=_ints,

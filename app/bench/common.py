@@ -22,7 +22,7 @@ RESULTS_DIR = Path("bench/results")
 PROMPT_INSTRUCTION = "Write a short story about a little girl who finds a lost puppy in the park."
 
 
-def add_engine_arguments(p: argparse.ArgumentParser, name: str) -> None:
+def add_engine_arguments(p: argparse.ArgumentParser, name: str, rounds: int = 3) -> None:
     p.add_argument(
         "--model",
         type=Path,
@@ -45,8 +45,8 @@ def add_engine_arguments(p: argparse.ArgumentParser, name: str) -> None:
     p.add_argument(
         "--rounds",
         type=int,
-        default=3,
-        help="interleaved repetitions; medians are reported (default 3)",
+        default=rounds,
+        help=f"interleaved repetitions; medians are reported (default {rounds})",
     )
     p.add_argument(
         "--out",

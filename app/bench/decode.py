@@ -39,7 +39,7 @@ EXIT_SLACK = 0.15
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    add_engine_arguments(p, "decode")
+    add_engine_arguments(p, "decode", rounds=5)
 
 
 class _Clock:

@@ -92,28 +92,16 @@ class Engine:
         )
         self.config = config
         self.tokenizer = checkpoint.tokenizer
+        # Rust tokenizers refuse concurrent use when one call reconfigures them ("Already
+        # borrowed"); the API encodes from a thread pool, so encoding is serialised.
+        self._encode_lock = threading.Lock()
         self._runner = ModelRunner(model, cache)
         self._decode_text = _text_decoder(copy.deepcopy(checkpoint.tokenizer))
         self._eos = frozenset(checkpoint.eos_token_ids)
         self._step_hook = step_hook
         self._max_seq_len = max_seq_len
         self._max_slots = config.max_slots
-        meta = checkpoint.meta
-        by_exit = meta.eval.get("by_exit") or {}
-        self.info = ModelInfo(
-            model_id=checkpoint.folder.resolve().name,
-            model_type=checkpoint.model_type,
-            num_layers=a.num_layers,
-            exits=tuple(meta.exits),
-            max_seq_len=max_seq_len,
-            vocab_size=a.vocab_size,
-            eos_token_ids=tuple(checkpoint.eos_token_ids),
-            device=device,
-            dtype=dtype_name,
-            soft_tuned=meta.soft_tuned,
-            quality={str(k): float(v) for k, v in by_exit.items()},
-            metric=str(meta.eval.get("metric", "loss")),
-        )
+        self.info = _model_info(checkpoint, model, max_seq_len, device, dtype_name)
         # Shared with callers, guarded by _cv.
         self._cv = threading.Condition()
         self._inbox: list[RequestState] = []
@@ -145,15 +133,17 @@ class Engine:
 
     def encode(self, text: str) -> list[int]:
         """``tokenizer(text).input_ids``: BOS where the tokenizer is configured to add one."""
-        return list(self.tokenizer(text).input_ids)
+        with self._encode_lock:
+            return list(self.tokenizer(text).input_ids)
 
     def encode_chat(self, messages: Sequence[dict[str, str]]) -> list[int]:
         """The tokenizer's chat template with the generation prompt."""
         if not getattr(self.tokenizer, "chat_template", None):
             raise ValueError("this model's tokenizer has no chat template")
-        out = self.tokenizer.apply_chat_template(
-            list(messages), add_generation_prompt=True, tokenize=True
-        )
+        with self._encode_lock:
+            out = self.tokenizer.apply_chat_template(
+                list(messages), add_generation_prompt=True, tokenize=True
+            )
         if not isinstance(out, list):
             out = out["input_ids"]
         return [int(t) for t in out]
@@ -531,6 +521,30 @@ class Engine:
         for state in inbox:
             self._finish(state, "cancelled")
         self._flush()
+
+
+def _model_info(
+    checkpoint: Checkpoint, model: Transformer, max_seq_len: int, device: str, dtype: str
+) -> ModelInfo:
+    meta = checkpoint.meta
+    quality = {}
+    for k, v in (meta.eval.get("by_exit") or {}).items():
+        if isinstance(v, int | float):
+            quality[str(k)] = float(v)
+    return ModelInfo(
+        model_id=checkpoint.folder.resolve().name,
+        model_type=checkpoint.model_type,
+        num_layers=model.args.num_layers,
+        exits=tuple(meta.exits),
+        max_seq_len=max_seq_len,
+        vocab_size=model.args.vocab_size,
+        eos_token_ids=tuple(checkpoint.eos_token_ids),
+        device=device,
+        dtype=dtype,
+        soft_tuned=meta.soft_tuned,
+        quality=quality,
+        metric=str(meta.eval.get("metric", "loss")),
+    )
 
 
 def _text_decoder(tokenizer: Any) -> Callable[[Sequence[int]], str]:
