@@ -244,3 +244,18 @@ def test_step_hook_feeds_metrics_and_scheduler(client: TestClient) -> None:
     text = client.get("/metrics").text
     assert 'sortedserve_decode_step_seconds_count{exit_layer="2"} 3.0' in text
     assert client.get("/info").json()["latency_profile"]["steps_seen"] == 3
+
+
+def test_serve_flags_win_over_environment_over_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
+    import argparse
+
+    from app.api import serve_cli
+
+    monkeypatch.setenv("SORTEDSERVE_PORT", "9001")
+    monkeypatch.setenv("SORTEDSERVE_MAX_QUEUE", "5")
+    parser = argparse.ArgumentParser()
+    serve_cli.add_arguments(parser)
+    settings = serve_cli.settings_from_args(parser.parse_args(["--port", "9002", "--threads", "1"]))
+    assert settings.port == 9002 and settings.torch_threads == 1  # flags
+    assert settings.max_queue == 5  # environment
+    assert settings.host == "0.0.0.0" and settings.max_batch_size == 16  # defaults

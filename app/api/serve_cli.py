@@ -36,17 +36,19 @@ _FLAGS: dict[str, tuple[str, Any, str]] = {
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.epilog = (
-        "Every flag can also be set as SORTEDSERVE_<FIELD> (e.g. SORTEDSERVE_PORT=9000); "
-        "flags win. "
+        "Flags win over the SORTEDSERVE_* environment variables named in each help line, "
+        "which win over the defaults. "
         "SORTEDSERVE_API_KEY=<key> makes the /v1/ routes require 'Authorization: Bearer <key>'."
     )
-    for flag, (_, kind, help_text) in _FLAGS.items():
-        parser.add_argument(flag, type=kind, default=None, help=help_text)
+    for flag, (field, kind, help_text) in _FLAGS.items():
+        env = f"SORTEDSERVE_{field.upper()}"
+        parser.add_argument(flag, type=kind, default=None, help=f"{help_text}; env {env}")
     parser.add_argument(
         "--reprofile",
         action="store_true",
         default=None,
-        help="measure the latency profile again even if a cached one matches",
+        help="measure the latency profile again even if a cached one matches; "
+        "env SORTEDSERVE_REPROFILE",
     )
     parser.add_argument(
         "--no-access-log", action="store_true", help="do not log one line per HTTP request"
