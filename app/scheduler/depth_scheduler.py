@@ -35,68 +35,13 @@ import math
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 from app.scheduler.online import StepLatencyModel, StepReportLike
+from app.scheduler.plans import Decision, Plan, SchedulerConfig, SchedulingError
 from app.scheduler.profile import LatencyProfile
 
 logger = logging.getLogger(__name__)
-
-
-class SchedulingError(ValueError):
-    """A request the scheduler cannot place (e.g. an exit that is not trained)."""
-
-
-@dataclass(frozen=True)
-class Decision:
-    """The scheduler's answer at arrival."""
-
-    exit_layer: int
-    predicted_ms: float  # arrival → last token, at exit_layer
-    budget_ms: float | None
-    feasible: bool  # the prediction fits the budget (always True without one)
-    expected_queue_ms: float
-    expected_batch_size: int
-    reason: str  # "budget", "no_budget" or "exit_layer"
-
-
-@dataclass
-class _Plan:
-    request_id: str
-    arrival: float  # perf_counter seconds
-    prompt_tokens: int
-    max_new_tokens: int
-    budget_ms: float | None
-    exit_layer: int  # current exit
-    lowerable: bool  # only budgeted requests are ever lowered
-    started: bool = False  # seen in a step report
-    gone: bool = False  # left the batch (finished in the engine; finish() comes soon)
-    abandoned: bool = False  # judged unable to meet its budget: no longer holds others back
-    feasible: bool = True  # the prediction at arrival fitted the budget
-    generated: int = 0
-
-    def allowed_pace(self, now: float, fraction: float, stall_ms: float = 0.0) -> float:
-        """Largest ms per token that still lands within ``budget × fraction`` (inf: no budget),
-        after a ``stall_ms`` pause of the batch (prefills of newcomers run between steps)."""
-        remaining = self.max_new_tokens - self.generated
-        if self.budget_ms is None or remaining <= 0:
-            return math.inf
-        return (self.budget_ms * fraction - (now - self.arrival) * 1000 - stall_ms) / remaining
-
-
-@dataclass(frozen=True)
-class SchedulerConfig:
-    max_slots: int = 16  # rows the engine decodes at once
-    headroom: float = 0.9  # aim for budget × headroom
-    recheck: float = 1.0  # act once a running request is projected past budget × recheck
-    alpha: float = 0.1  # EWMA weight of each new measurement
-    prefill_emits_token: bool = True  # the prefill forward yields the first new token
-    cell_samples: int = 8  # steps seen in a (deepest exit, batch size) cell before it counts
-    stall_alpha: float = 0.01  # EWMA weight of each step in the average prefill stall
-    miss_target: float = 0.03  # share of feasible requests the safety margin lets miss
-    margin_step: float = 0.05  # how much one miss shrinks the margin (relative)
-    margin_min: float = 0.5
 
 
 class DepthScheduler:
@@ -113,7 +58,7 @@ class DepthScheduler:
         self.exits = profile.exits
         self._clock = clock
         self._lock = threading.Lock()
-        self._plans: dict[str, _Plan] = {}  # insertion order = arrival order
+        self._plans: dict[str, Plan] = {}  # insertion order = arrival order
         self.latency = StepLatencyModel(
             profile,
             alpha=self.config.alpha,
@@ -151,7 +96,7 @@ class DepthScheduler:
             if request_id in self._plans:
                 raise SchedulingError(f"request {request_id!r} is already scheduled")
             decision = self._decide(prompt_tokens, max_new_tokens, budget_ms, exit_layer)
-            self._plans[request_id] = _Plan(
+            self._plans[request_id] = Plan(
                 request_id=request_id,
                 arrival=self._clock() if arrival is None else arrival,
                 prompt_tokens=prompt_tokens,
@@ -201,7 +146,7 @@ class DepthScheduler:
         feasible = predicted <= budget_ms
         return Decision(self.exits[0], predicted, budget_ms, feasible, wait_ms, batch, "budget")
 
-    def _others_limit(self, co_plans: list[_Plan], stall_ms: float) -> float:
+    def _others_limit(self, co_plans: list[Plan], stall_ms: float) -> float:
         """The slowest pace that keeps every running, still savable budgeted request on time
         when a newcomer's prefill first stalls the batch for ``stall_ms``."""
         now = self._clock()
@@ -227,7 +172,7 @@ class DepthScheduler:
     def _decode_steps(self, max_new_tokens: int) -> int:
         return max(max_new_tokens - (1 if self.config.prefill_emits_token else 0), 0)
 
-    def _load_picture(self) -> tuple[float, list[_Plan]]:
+    def _load_picture(self) -> tuple[float, list[Plan]]:
         """Expected wait before a newcomer's prefill, and the requests it will share a batch with.
 
         Slots are simulated: running requests free theirs after their remaining steps, waiting

@@ -1,0 +1,66 @@
+"""The scheduler's plain data: its settings, its answer at arrival, and what it tracks per request.
+
+Pure Python, no torch.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+
+class SchedulingError(ValueError):
+    """A request the scheduler cannot place (e.g. an exit that is not trained)."""
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The scheduler's answer at arrival."""
+
+    exit_layer: int
+    predicted_ms: float  # arrival → last token, at exit_layer
+    budget_ms: float | None
+    feasible: bool  # the prediction fits the budget (always True without one)
+    expected_queue_ms: float
+    expected_batch_size: int
+    reason: str  # "budget", "no_budget" or "exit_layer"
+
+
+@dataclass
+class Plan:
+    """What the scheduler knows of one admitted request."""
+
+    request_id: str
+    arrival: float  # perf_counter seconds
+    prompt_tokens: int
+    max_new_tokens: int
+    budget_ms: float | None
+    exit_layer: int  # current exit
+    lowerable: bool  # only budgeted requests are ever lowered
+    started: bool = False  # seen in a step report
+    gone: bool = False  # left the batch (finished in the engine; finish() comes soon)
+    abandoned: bool = False  # judged unable to meet its budget: no longer holds others back
+    feasible: bool = True  # the prediction at arrival fitted the budget
+    generated: int = 0
+
+    def allowed_pace(self, now: float, fraction: float, stall_ms: float = 0.0) -> float:
+        """Largest ms per token that still lands within ``budget × fraction`` (inf: no budget),
+        after a ``stall_ms`` pause of the batch (prefills of newcomers run between steps)."""
+        remaining = self.max_new_tokens - self.generated
+        if self.budget_ms is None or remaining <= 0:
+            return math.inf
+        return (self.budget_ms * fraction - (now - self.arrival) * 1000 - stall_ms) / remaining
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_slots: int = 16  # rows the engine decodes at once
+    headroom: float = 0.9  # aim for budget × headroom
+    recheck: float = 1.0  # act once a running request is projected past budget × recheck
+    alpha: float = 0.1  # EWMA weight of each new measurement
+    prefill_emits_token: bool = True  # the prefill forward yields the first new token
+    cell_samples: int = 8  # steps seen in a (deepest exit, batch size) cell before it counts
+    stall_alpha: float = 0.01  # EWMA weight of each step in the average prefill stall
+    miss_target: float = 0.03  # share of feasible requests the safety margin lets miss
+    margin_step: float = 0.05  # how much one miss shrinks the margin (relative)
+    margin_min: float = 0.5
