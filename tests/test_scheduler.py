@@ -313,3 +313,16 @@ def test_safety_margin_shrinks_on_misses_and_recovers() -> None:
         sched.finish(f"ok{i}", total_ms=10.0)
     assert sched.snapshot()["safety_margin"] == 1.0
     assert sched.decide(20, 21, budget_ms=1000.0) == roomy
+
+
+def test_predictions_calibrate_to_how_long_requests_really_take() -> None:
+    sched, _ = make(bias_alpha=0.2)
+    before = sched.decide(20, 21, budget_ms=10_000.0).predicted_ms
+    for i in range(60):  # every request takes 1.5× its prediction
+        d = sched.admit(f"r{i}", 20, 21, budget_ms=10_000.0)
+        sched.finish(f"r{i}", total_ms=1.5 * d.predicted_ms / sched.bias, completion_tokens=21)
+    assert sched.bias == pytest.approx(1.5, rel=0.01)
+    assert sched.decide(20, 21, budget_ms=10_000.0).predicted_ms == pytest.approx(1.5 * before)
+    sched.admit("short", 20, 21)
+    sched.finish("short", total_ms=1.0, completion_tokens=3)  # stopped early: teaches nothing
+    assert sched.bias == pytest.approx(1.5, rel=0.01)

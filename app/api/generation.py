@@ -169,6 +169,7 @@ class GenerationService:
             queue_ms=final.queue_ms,
             ttft_ms=final.ttft_ms,
             total_ms=final.total_ms if final.finish_reason != "cancelled" else None,
+            completion_tokens=final.completion_tokens,
         )
         if final.finish_reason in ("cancelled", "error"):
             return

@@ -69,6 +69,7 @@ class DepthScheduler:
         self.lowered = 0  # exits lowered by the per-step re-check
         self.abandoned = 0  # requests judged unable to meet their budget while running
         self.margin = 1.0  # learnt safety margin on headroom and recheck (≤ 1)
+        self._log_bias = 0.0  # EWMA of log(actual / model prediction) of whole requests
 
     # -- arrival -----------------------------------------------------------------------------
     def decide(
@@ -105,6 +106,7 @@ class DepthScheduler:
                 exit_layer=decision.exit_layer,
                 lowerable=budget_ms is not None,
                 feasible=decision.feasible,
+                raw_predicted_ms=decision.predicted_ms / self.bias,
             )
             return decision
 
@@ -129,7 +131,8 @@ class DepthScheduler:
                 min(p.exit_layer, k) if capped and p.lowerable else p.exit_layer for p in co_plans
             ]
             pace = self.latency.token_ms([*exits, k])
-            return wait_ms + self.latency.prefill_ms(k, prompt_tokens) + steps * pace, pace
+            raw = wait_ms + self.latency.prefill_ms(k, prompt_tokens) + steps * pace
+            return raw * self.bias, pace
 
         if exit_layer is not None or budget_ms is None:
             k = exit_layer if exit_layer is not None else self.exits[-1]
@@ -208,16 +211,28 @@ class DepthScheduler:
         queue_ms: float | None = None,
         ttft_ms: float | None = None,
         total_ms: float | None = None,
+        completion_tokens: int | None = None,
     ) -> None:
-        """Forget a request; learn from its prefill (ttft − queue) and its budget outcome."""
+        """Forget a request; learn from its prefill (ttft − queue), from how long it took against
+        the prediction (when it made all its tokens) and from its budget outcome."""
         with self._lock:
             plan = self._plans.pop(request_id, None)
             if plan is None:
                 return
             if queue_ms is not None and ttft_ms is not None:
                 self.latency.learn_prefill(plan.exit_layer, plan.prompt_tokens, ttft_ms - queue_ms)
-            if total_ms is not None and plan.budget_ms is not None and plan.feasible:
+            if total_ms is None:
+                return
+            if completion_tokens == plan.max_new_tokens and plan.raw_predicted_ms > 0:
+                ratio = min(max(total_ms / plan.raw_predicted_ms, 0.25), 4.0)
+                self._log_bias += self.config.bias_alpha * (math.log(ratio) - self._log_bias)
+            if plan.budget_ms is not None and plan.feasible:
                 self._learn_margin(missed=total_ms > plan.budget_ms)
+
+    @property
+    def bias(self) -> float:
+        """The learnt calibration of whole-request predictions (actual / model)."""
+        return math.exp(self._log_bias)
 
     def _learn_margin(self, missed: bool) -> None:
         cfg = self.config
@@ -305,6 +320,7 @@ class DepthScheduler:
                 "abandoned_requests": self.abandoned,
                 "headroom": round(self._headroom, 4),
                 "safety_margin": round(self.margin, 4),
+                "prediction_bias": round(self.bias, 4),
             }
 
     def exits_of(self, request_ids: Sequence[str]) -> Mapping[str, int]:

@@ -41,6 +41,7 @@ class Plan:
     gone: bool = False  # left the batch (finished in the engine; finish() comes soon)
     abandoned: bool = False  # judged unable to meet its budget: no longer holds others back
     feasible: bool = True  # the prediction at arrival fitted the budget
+    raw_predicted_ms: float = 0.0  # the model's prediction at arrival, before calibration
     generated: int = 0
 
     def allowed_pace(self, now: float, fraction: float, stall_ms: float = 0.0) -> float:
@@ -64,3 +65,4 @@ class SchedulerConfig:
     miss_target: float = 0.03  # share of feasible requests the safety margin lets miss
     margin_step: float = 0.05  # how much one miss shrinks the margin (relative)
     margin_min: float = 0.5
+    bias_alpha: float = 0.05  # EWMA weight of each finished request in the prediction calibration
