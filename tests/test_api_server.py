@@ -297,8 +297,9 @@ def test_bad_field_gets_422_naming_it(client: httpx.Client, body: dict, field: s
         (b'{"prompt": "\xff\xfe"}', "application/json"),
         (b"prompt=hi", "application/x-www-form-urlencoded"),
         (b"", "application/json"),
+        (b"[" * 60_000, "application/json"),
     ],
-    ids=["truncated", "array", "not-utf8", "form", "empty"],
+    ids=["truncated", "array", "not-utf8", "form", "empty", "deeply-nested"],
 )
 def test_bad_body_gets_422(client: httpx.Client, content: bytes, content_type: str) -> None:
     r = client.post("/v1/generate", content=content, headers={"Content-Type": content_type})

@@ -132,7 +132,7 @@ async def _http(request: Request, exc: Exception) -> JSONResponse:
     kind = _KIND_BY_STATUS.get(status, "internal" if status >= 500 else "validation")
     if status == 400 and "parsing the body" in detail:
         # FastAPI's answer to a body it cannot decode (e.g. not UTF-8): a validation error here
-        return error_response(422, "validation", "request body: is not valid UTF-8 JSON")
+        return error_response(422, "validation", "request body: cannot be read as UTF-8 JSON")
     if status == 404:
         detail = f"{request.method} {request.url.path} is not a route of this server"
     elif status == 405:

@@ -129,7 +129,9 @@ class GenerationService:
         return limit
 
     # -- admission ---------------------------------------------------------------------------------
-    def admit(self, params: GenerationParams, id_prefix: str = "gen") -> Job:
+    def check_capacity(self) -> None:
+        """429 when every slot and queue place is taken; called first, so that refusing is cheap
+        (again at admission, as other requests may have been admitted meanwhile)."""
         state = self.state
         if state.inflight >= state.capacity:
             wait_s = self.scheduler.expected_wait_ms() / 1000 if self.scheduler else 1.0
@@ -140,6 +142,10 @@ class GenerationService:
                 f"the server is at capacity ({state.capacity} requests in flight); retry later",
                 headers={"Retry-After": retry},
             )
+
+    def admit(self, params: GenerationParams, id_prefix: str = "gen") -> Job:
+        state = self.state
+        self.check_capacity()
         request_id = f"{id_prefix}-{uuid.uuid4().hex}"
         decision = self.scheduler.admit(
             request_id,

@@ -53,6 +53,7 @@ async def generate(body: GenerateRequest, request: Request, service: ServiceDep)
     ``stream`` (or ``Accept: text/event-stream``) the answer is a stream of ``token`` events and
     one final ``done`` event holding the JSON response."""
     arrival = request.scope.get(ARRIVAL_KEY, time.perf_counter())
+    service.check_capacity()
     service.check_prompt_chars(body.prompt)
     max_new_tokens = service.resolve_max_new_tokens(body.max_new_tokens)
     service.check_exit_layer(body.exit_layer, body.budget_ms)

@@ -84,6 +84,7 @@ def _admit(
 )
 async def completions(body: CompletionRequest, request: Request, service: ServiceDep) -> Response:
     arrival = request.scope.get(ARRIVAL_KEY, time.perf_counter())
+    service.check_capacity()
     prompt = body.prompt_text
     service.check_prompt_chars(prompt)
     max_new_tokens = service.resolve_max_new_tokens(body.max_tokens, "max_tokens")
@@ -103,6 +104,7 @@ async def chat_completions(
     body: ChatCompletionRequest, request: Request, service: ServiceDep
 ) -> Response:
     arrival = request.scope.get(ARRIVAL_KEY, time.perf_counter())
+    service.check_capacity()
     messages = [m.as_template_message() for m in body.messages]
     service.check_prompt_chars("".join(m["content"] for m in messages), "messages")
     field = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"

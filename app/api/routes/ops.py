@@ -70,7 +70,13 @@ async def info(state: StateDep) -> Any:
             "max_body_bytes": settings.max_body_bytes,
             "drain_timeout_s": settings.drain_timeout_s,
         },
-        "load": {"running": stats.running, "waiting": stats.waiting, "inflight": state.inflight},
+        "load": {
+            "running": stats.running,
+            "waiting": stats.waiting,
+            "free_slots": stats.free_slots,
+            "max_slots": stats.max_slots,
+            "inflight": state.inflight,
+        },
         "auth": settings.api_key is not None,
     }
 
