@@ -31,10 +31,14 @@ format: install
 test: install lint
 	$(BIN)/python -m pytest -q
 
-# Rebuild model_store/default (SoFT) and model_store/default-sft (SFT) from ../shared/data.
+# Rebuild model_store/default (SoFT) and model_store/default-sft (SFT) from ../shared/data:
+# pretrain a base, then fine-tune SoFT and SFT from it side by side (one CPU thread each).
 DATA ?= ../shared/data
+BUILD_DEFAULT := $(BIN)/python -m app build-default --data $(DATA) --out model_store --threads 1
 default-model: install
-	$(BIN)/python -m app build-default --data $(DATA) --out model_store
+	$(BUILD_DEFAULT) --stage pretrain
+	$(BUILD_DEFAULT) --stage finetune --methods soft & pid=$$!; \
+	  $(BUILD_DEFAULT) --stage finetune --methods sft; sft=$$?; wait $$pid && test $$sft -eq 0
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -53,7 +53,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pretrain-steps", type=int, default=600)
     p.add_argument("--pretrain-lr", type=float, default=1.5e-3)
     p.add_argument("--pretrain-batch", type=int, default=16)
-    p.add_argument("--finetune-steps", type=int, default=250)
+    p.add_argument("--finetune-steps", type=int, default=150)
     p.add_argument("--finetune-lr", type=float, default=5e-4)
     p.add_argument("--finetune-batch", type=int, default=16)
     p.add_argument("--max-len", type=int, default=384, help="fine-tuning truncation")
