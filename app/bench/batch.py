@@ -7,8 +7,9 @@ previous one ends, so at c = 1 the requests run one after another and at c = 16 
 continuously batched decode loop (rows at different exits in the same step). Levels are
 interleaved round by round; medians are reported.
 
-Reported per level: aggregate tokens/s (all tokens / wall time), its ratio to one stream, mean
-ms per decoded token of a request, and median time to first token. Issue 3's target: 16 streams
+Reported per level: aggregate tokens/s (all tokens / wall time) and its ratio to one stream, the
+same per CPU second of this process (steadier on a shared machine), mean ms per decoded token of a
+request, and median time to first token. Issue 3's target: 16 streams
 give at least 4x the aggregate tokens/s of one stream. Writes JSON with machine info to ``--out``.
 """
 
@@ -23,6 +24,7 @@ from app.bench.common import (
     Timer,
     add_engine_arguments,
     bench_prompt,
+    load_average,
     load_engine,
     machine_info,
     median,
@@ -62,6 +64,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from app.engine import EngineConfig, GenerationRequest, SamplingParams
 
+    load_at_start = load_average()
     levels = sorted(set(args.streams))
     config = EngineConfig(
         device=args.device,
@@ -96,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
             raise RuntimeError(getattr(final, "error", "no final event"))
         return final
 
-    async def level(streams: int, requests: int) -> tuple[float, list[Any]]:
+    async def level(streams: int, requests: int) -> tuple[Timer, list[Any]]:
         work = iter([exits[i % len(exits)] for i in range(requests)])
         finals: list[Any] = []
 
@@ -106,17 +109,18 @@ def run(args: argparse.Namespace) -> int:
 
         with Timer() as t:
             await asyncio.gather(*(client() for _ in range(streams)))
-        return t.seconds, finals
+        return t, finals
 
     logger.info("warming up")
     asyncio.run(level(max(levels), max(levels)))
     samples: dict[int, list[dict[str, float]]] = {c: [] for c in levels}
     for r in range(args.rounds):
         for c in levels:
-            seconds, finals = asyncio.run(level(c, args.requests))
+            t, finals = asyncio.run(level(c, args.requests))
             samples[c].append(
                 {
-                    "seconds": seconds,
+                    "seconds": t.seconds,
+                    "cpu_seconds": t.cpu_seconds,
                     "tokens": sum(f.completion_tokens for f in finals),
                     "mean_ms_per_token": sum(f.ms_per_token for f in finals) / len(finals),
                     "median_ttft_ms": median([f.ttft_ms for f in finals]),
@@ -132,13 +136,16 @@ def run(args: argparse.Namespace) -> int:
             {
                 "streams": c,
                 "tokens_per_s": tps,
+                "tokens_per_cpu_s": median([s["tokens"] / s["cpu_seconds"] for s in samples[c]]),
                 "mean_ms_per_token": median([s["mean_ms_per_token"] for s in samples[c]]),
                 "median_ttft_ms": median([s["median_ttft_ms"] for s in samples[c]]),
             }
         )
     base = next((r["tokens_per_s"] for r in rows if r["streams"] == 1), None)
+    base_cpu = next((r["tokens_per_cpu_s"] for r in rows if r["streams"] == 1), None)
     for r in rows:
         r["ratio_vs_1_stream"] = r["tokens_per_s"] / base if base else None
+        r["cpu_ratio_vs_1_stream"] = r["tokens_per_cpu_s"] / base_cpu if base_cpu else None
     target = next((r for r in rows if r["streams"] == TARGET_STREAMS), None)
     verdict = {
         "ratio_16_vs_1": target["ratio_vs_1_stream"] if target else None,
@@ -149,12 +156,22 @@ def run(args: argparse.Namespace) -> int:
     }
     print(
         table(
-            ["streams", "aggregate tok/s", "x 1 stream", "ms/token per request", "p50 TTFT ms"],
+            [
+                "streams",
+                "aggregate tok/s",
+                "x 1 stream",
+                "tok per CPU s",
+                "x 1 stream (CPU)",
+                "ms/token per request",
+                "p50 TTFT ms",
+            ],
             [
                 [
                     r["streams"],
                     r["tokens_per_s"],
                     r["ratio_vs_1_stream"] if r["ratio_vs_1_stream"] is not None else "",
+                    r["tokens_per_cpu_s"],
+                    r["cpu_ratio_vs_1_stream"] if r["cpu_ratio_vs_1_stream"] is not None else "",
                     r["mean_ms_per_token"],
                     r["median_ttft_ms"],
                 ]
@@ -184,7 +201,7 @@ def run(args: argparse.Namespace) -> int:
                 "dtype": info.dtype,
                 "torch_threads": args.torch_threads,
             },
-            "machine": machine_info(),
+            "machine": machine_info(load_at_start),
             "model": {
                 "model_id": info.model_id,
                 "num_layers": info.num_layers,

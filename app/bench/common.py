@@ -74,7 +74,7 @@ def bench_prompt() -> str:
     return alpaca_prompt(PROMPT_INSTRUCTION)
 
 
-def machine_info() -> dict[str, Any]:
+def machine_info(load_at_start: tuple[float, ...] | None = None) -> dict[str, Any]:
     import torch
     import transformers
 
@@ -86,13 +86,18 @@ def machine_info() -> dict[str, Any]:
         "cpu": _cpu_name(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
-        "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
+        "load_average_at_start": load_at_start,
+        "load_average_at_end": load_average(),
         "git_commit": _git_commit(),
     }
     if torch.cuda.is_available():
         info["cuda_device"] = torch.cuda.get_device_name()
         info["cuda"] = torch.version.cuda
     return info
+
+
+def load_average() -> tuple[float, ...] | None:
+    return os.getloadavg() if hasattr(os, "getloadavg") else None
 
 
 def _cpu_name() -> str:
@@ -144,9 +149,17 @@ def median(values: Sequence[float]) -> float:
 
 
 class Timer:
+    """Wall-clock seconds and this process's CPU seconds (all threads) of a block.
+
+    On a shared machine the CPU time is the steadier measure: it leaves out the time the process
+    waited for a core (it still includes slowdowns from cache and memory contention).
+    """
+
     def __enter__(self) -> Timer:
         self.start = time.perf_counter()
+        self.cpu_start = time.process_time()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.seconds = time.perf_counter() - self.start
+        self.cpu_seconds = time.process_time() - self.cpu_start
