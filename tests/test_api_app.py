@@ -14,6 +14,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from app.api.main import create_app
+from app.engine import EngineClosedError
 from app.engine.types import (
     EngineStats,
     FinalEvent,
@@ -87,6 +88,8 @@ class FakeEngine:
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[Any]:
         words = [self._words.get(t, "?") for t in request.prompt_ids]
+        if words == ["closed"]:
+            raise EngineClosedError("the engine is shutting down")
         if words == ["raise"]:
             yield TokenEvent(0, "a", 1, request.exit_layer)
             raise RuntimeError("the fake engine broke")
@@ -160,6 +163,9 @@ def test_engine_failure_is_a_500_in_json(client: TestClient) -> None:
     r = client.post("/v1/generate", json={"prompt": "fail"})
     assert r.status_code == 500
     assert r.json() == {"error": "generation failed: scripted failure", "error_type": "internal"}
+    r = client.post("/v1/generate", json={"prompt": "raise"})  # an exception, not a final event
+    assert r.status_code == 500 and r.json()["error_type"] == "internal"
+    assert client.get("/info").json()["load"]["inflight"] == 0
 
 
 @pytest.mark.parametrize("prompt", ["fail", "raise"])
@@ -169,6 +175,14 @@ def test_failure_inside_a_stream_is_an_error_event(client: TestClient, prompt: s
     blocks = [b for b in r.text.replace("\r\n", "\n").split("\n\n") if b.strip()]
     assert blocks[-1].startswith("event: error\ndata: ")
     assert '"error_type": "internal"' in blocks[-1]
+    assert client.get("/info").json()["load"]["inflight"] == 0
+
+
+def test_a_closed_engine_answers_503(client: TestClient) -> None:
+    r = client.post("/v1/generate", json={"prompt": "closed"})
+    assert r.status_code == 503 and r.json()["error_type"] == "unavailable"
+    r = client.post("/v1/generate", json={"prompt": "closed", "stream": True})
+    assert '"error_type": "unavailable"' in r.text.split("event: error")[-1]
     assert client.get("/info").json()["load"]["inflight"] == 0
 
 

@@ -21,6 +21,7 @@ from starlette.types import Receive
 
 from app.api.errors import ApiError, validation_error
 from app.api.state import AppState
+from app.engine import EngineClosedError
 from app.engine.types import FinalEvent, GenerationRequest, SamplingParams, TokenEvent
 from app.scheduler import Decision
 
@@ -218,6 +219,8 @@ class GenerationService:
                 else:
                     self.metrics.observe_token(event.exit_layer)
                 yield event
+        except EngineClosedError as exc:
+            raise ApiError(503, "unavailable", "the server is shutting down") from exc
         finally:
             if job.final is None:
                 self.engine.cancel(job.request_id)  # thread-safe: the row leaves at the next step
@@ -227,15 +230,21 @@ class GenerationService:
 
     async def run(self, job: Job, receive: Receive | None = None) -> FinalEvent | None:
         """Run ``job`` to its end; ``None`` when the client left first (which cancels it)."""
+        error: Exception | None = None
         try:
             async with anyio.create_task_group() as tg:
                 if receive is not None:
                     tg.start_soon(_cancel_on_disconnect, receive, tg.cancel_scope, job.request_id)
-                async for _ in self.events(job):
-                    pass
+                try:
+                    async for _ in self.events(job):
+                        pass
+                except Exception as exc:  # raised bare below, not wrapped in an ExceptionGroup
+                    error = exc
                 tg.cancel_scope.cancel()
         finally:
             self.release(job)
+        if error is not None:
+            raise error
         return job.final
 
     # -- responses ---------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 from app.api.deps import ServiceDep
-from app.api.errors import error_body, error_response, error_responses
+from app.api.errors import ApiError, error_body, error_response, error_responses
 from app.api.generation import GenerationParams, GenerationService, Job
 from app.api.middleware import ARRIVAL_KEY
 from app.api.schemas import GenerateRequest, GenerateResponse, TokenEventOut
@@ -100,6 +100,8 @@ async def _events(service: GenerationService, job: Job) -> AsyncIterator[dict[st
                 yield sse_event("error", error_body(err.error_type, err.message))
             else:
                 yield sse_event("done", service.response(job, event))
+    except ApiError as exc:
+        yield sse_event("error", error_body(exc.error_type, exc.message))
     except Exception as exc:  # the stream is open: the failure must travel inside it
         logger.exception("stream %s failed", job.request_id)
         yield sse_event("error", error_body("internal", f"generation failed: {exc}"))

@@ -16,7 +16,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 from app.api.deps import ServiceDep, StateDep
-from app.api.errors import error_body, error_response, error_responses
+from app.api.errors import ApiError, error_body, error_response, error_responses
 from app.api.generation import GenerationParams, GenerationService, Job, stop_tuple
 from app.api.middleware import ARRIVAL_KEY
 from app.api.openai_schemas import ChatCompletionRequest, CompletionRequest
@@ -221,6 +221,8 @@ async def _stream(chunks: _Chunks, include_usage: bool) -> AsyncIterator[dict[st
                 yield sse_event(None, {**chunks.last(event), **usage_field})
                 if include_usage:
                     yield sse_event(None, chunks.usage(event))
+    except ApiError as exc:
+        yield sse_event(None, error_body(exc.error_type, exc.message))
     except Exception as exc:  # the stream is open: the failure must travel inside it
         logger.exception("stream %s failed", job.request_id)
         yield sse_event(None, error_body("internal", f"generation failed: {exc}"))
