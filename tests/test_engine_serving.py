@@ -400,6 +400,34 @@ def test_a_failing_step_fails_its_requests_and_the_engine_goes_on(
     assert fin.finish_reason == "length"
 
 
+def test_failing_prefill_or_loop_fails_only_the_affected_requests(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken_prefill(*args, **kwargs):
+        raise RuntimeError("prefill broke")
+
+    with monkeypatch.context() as m:
+        m.setattr(engine._runner, "prefill", broken_prefill)
+        fin = final(run(engine, request(engine, PROMPTS[0], 4, max_new_tokens=4))[0])
+    assert fin.finish_reason == "error" and "prefill broke" in (fin.error or "")
+
+    real_admit = engine._admit
+    calls = {"n": 0}
+
+    def flaky_admit() -> None:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("loop bug")
+        real_admit()
+
+    with monkeypatch.context() as m:
+        m.setattr(engine, "_admit", flaky_admit)
+        fin = final(run(engine, request(engine, PROMPTS[0], 4, max_new_tokens=4))[0])
+    assert fin.finish_reason == "error" and "loop bug" in (fin.error or "")
+    fin = final(run(engine, request(engine, PROMPTS[0], 4, max_new_tokens=4))[0])
+    assert fin.finish_reason == "length"
+
+
 def test_invalid_requests_are_refused(engine: Engine) -> None:
     with pytest.raises(ValueError, match="exit_layer"):
         run(engine, request(engine, PROMPTS[0], 9))

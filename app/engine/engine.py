@@ -292,25 +292,37 @@ class Engine:
             while True:
                 with self._cv:
                     self._cv.wait_for(self._has_work)
+                    stopping = self._stop
                     inbox, self._inbox = self._inbox, []
                     commands, self._commands = self._commands, []
-                    calls = self._calls if not self._running else []
+                    calls = self._calls if not (self._running or stopping) else []
                     if calls:
                         self._calls = []
                 for state in inbox:
                     self._requests[state.request_id] = state
                     self._waiting.append(state)
-                if self._stop:
+                if stopping:
                     break
-                self._apply(commands)
-                for job, future in calls:
-                    self._call(job, future)
-                if not self._calls:
-                    self._admit()
-                if self._running:
-                    self._step()
+                try:
+                    self._iterate(commands, calls)
+                except Exception as exc:  # a bug in the loop itself: fail the work, keep serving
+                    logger.exception("engine loop iteration failed")
+                    for state in [*self._running, *self._waiting]:
+                        self._finish(state, "error", error=f"engine failure: {exc}")
+                    self._layout_dirty = True
                 self._flush()
             self._stop_all()
+
+    def _iterate(
+        self, commands: list[tuple[Any, ...]], calls: list[tuple[Callable[[], Any], Future]]
+    ) -> None:
+        self._apply(commands)
+        for job, future in calls:
+            self._call(job, future)
+        if not self._calls:
+            self._admit()
+        if self._running:
+            self._step()
 
     def _has_work(self) -> bool:
         return bool(
