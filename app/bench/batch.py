@@ -9,8 +9,8 @@ interleaved round by round; medians are reported.
 
 Reported per level: aggregate tokens/s (all tokens / wall time) and its ratio to one stream, the
 same per CPU second of this process (steadier on a shared machine), mean ms per decoded token of a
-request, and median time to first token. Issue 3's target: 16 streams
-give at least 4x the aggregate tokens/s of one stream. Writes JSON with machine info to ``--out``.
+request, and median time to first token. Issue 3's target: 16 streams give at least 4x the
+aggregate tokens/s of one stream. Writes JSON with machine info to ``--out``.
 """
 
 from __future__ import annotations
@@ -51,7 +51,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="concurrency levels, comma-separated (default 1,4,16)",
     )
     p.add_argument(
-        "--requests", type=int, default=16, help="requests per level, the same at every level"
+        "--requests",
+        type=int,
+        default=16,
+        help="requests per level, the same at every level (default 16)",
     )
     p.add_argument(
         "--exits",

@@ -37,7 +37,7 @@ def add_engine_arguments(p: argparse.ArgumentParser, name: str, rounds: int = 3)
         "--torch-threads",
         type=int,
         default=None,
-        help="CPU threads for torch, for the engine and Hugging Face alike (default: torch's)",
+        help="CPU threads for torch, set once for the whole process (default: torch's)",
     )
     p.add_argument(
         "--max-new-tokens", type=int, default=128, help="tokens generated per request (default 128)"
