@@ -115,6 +115,7 @@ class Transformer:
         self.scale = args.head_dim**-0.5
         self._group = args.num_heads // args.num_kv_heads
         self._heads = args.num_heads
+        self._sum_eps = args.hidden_size * args.rms_norm_eps
         # Rotation per head: q and k heads rotate with the position, v heads do not (times 1).
         self._unrotated = (
             torch.arange(args.num_heads + 2 * args.num_kv_heads, device=embed.device)
@@ -166,8 +167,9 @@ class Transformer:
         for i in range(a.num_layers):
             p = f"model.layers.{i}."
             att, mlp = p + "self_attn.", p + "mlp."
-            in_norm = t.get(p + "input_layernorm.weight", (hd,))
-            post_norm = t.get(p + "post_attention_layernorm.weight", (hd,))
+            # sqrt(hidden) * weight: see _norm
+            in_norm = t.get(p + "input_layernorm.weight", (hd,)) * hd**0.5
+            post_norm = t.get(p + "post_attention_layernorm.weight", (hd,)) * hd**0.5
             qkv = torch.cat(
                 [
                     t.get(att + "q_proj.weight", (q_dim, hd)),
@@ -219,7 +221,7 @@ class Transformer:
             head = embed
         else:
             head = t.get("lm_head.weight", (a.vocab_size, hd))
-        head = linear(head * t.get("model.norm.weight", (hd,)))
+        head = linear(head * (t.get("model.norm.weight", (hd,)) * hd**0.5))
         rope = rope_table(hf_config, max_seq_len, device)
         return cls(a, embed.to(device, dtype).contiguous(), layers, head, rope)
 
@@ -229,13 +231,15 @@ class Transformer:
     # torch calls per layer small (no no-op casts in float32, one split instead of slices).
 
     def _norm(self, x: torch.Tensor) -> torch.Tensor:
-        """RMSNorm without its weight (folded into the next projection), computed in float32 as
-        the reference computes it."""
-        eps = self.args.rms_norm_eps
-        if self._float32:  # the reference's formula, with fewer ops than F.rms_norm on CPU
-            return x * x.pow(2).mean(-1, keepdim=True).add_(eps).rsqrt_()
+        """RMSNorm without its weight, in float32, divided by sqrt(hidden).
+
+        ``x / sqrt(mean(x^2) + eps) = sqrt(d) * x / sqrt(sum(x^2) + d * eps)``: the sum saves the
+        division a mean costs on CPU, and ``sqrt(d)`` joins the norm weight in the next projection.
+        """
+        if self._float32:
+            return x * x.pow(2).sum(-1, keepdim=True).add_(self._sum_eps).rsqrt_()
         h = x.float()
-        return (h * h.pow(2).mean(-1, keepdim=True).add_(eps).rsqrt_()).to(x.dtype)
+        return (h * h.pow(2).sum(-1, keepdim=True).add_(self._sum_eps).rsqrt_()).to(x.dtype)
 
     def _rotations(self, positions: torch.Tensor) -> torch.Tensor:
         """``[t, heads + 2 * kv_heads, head_dim / 2]`` complex: each q and k head's rotation at
