@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
+MIN_TEMPERATURE = 1e-5
+
 
 @dataclass(frozen=True)
 class RowSampling:
@@ -51,13 +53,17 @@ def sample_rows(
 ) -> torch.Tensor:
     """One token per row of ``logits [m, vocab]``; ``top_k`` 0 means no top-k filter."""
     vocab = logits.shape[-1]
+    # A positive temperature too small for float32 (5e-324 becomes 0) would divide by zero: at
+    # MIN_TEMPERATURE sampling is already greedy.
+    temperature = temperature.clamp(min=MIN_TEMPERATURE)
     scores, order = torch.sort(logits / temperature[:, None], dim=-1, descending=True)
     rank = torch.arange(vocab, device=logits.device)
     k = torch.where(top_k > 0, top_k, vocab)
     scores = scores.masked_fill(rank[None, :] >= k[:, None], float("-inf"))
     probs = torch.softmax(scores, dim=-1)
     before = probs.cumsum(dim=-1) - probs  # mass of the better-ranked tokens
-    probs = probs.masked_fill(before >= top_p[:, None], 0.0)  # the best token always stays
+    # the best token always stays, even for a top_p that float32 rounds to 0
+    probs = probs.masked_fill((before >= top_p[:, None]) & (rank[None, :] > 0), 0.0)
     cdf = probs.cumsum(dim=-1)
     target = (uniform * cdf[:, -1])[:, None]
     pick = torch.searchsorted(cdf, target, right=True).clamp_(max=vocab - 1)
