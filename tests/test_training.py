@@ -280,3 +280,31 @@ def test_load_alpaca_reads_jsonl(tmp_path: Path) -> None:
     path.write_text("{broken")
     with pytest.raises(DataError, match="neither JSON"):
         load_alpaca(path)
+
+
+def test_bench_quality_compares_two_checkpoints(
+    ckpt: Path, data_file: Path, tmp_path: Path, capsys
+) -> None:
+    other = make_tiny_checkpoint(tmp_path / "sft", num_layers=4, seed=1)
+    out = tmp_path / "quality.json"
+    rc = main(
+        [
+            "bench",
+            "quality",
+            "--soft",
+            str(ckpt),
+            "--sft",
+            str(other),
+            "--data",
+            str(data_file),
+            "--out",
+            str(out),
+        ]
+    )
+    assert rc == 0
+    result = json.loads(out.read_text())
+    assert [r["exit"] for r in result["rows"]] == [1, 2, 3, 4]
+    for r in result["rows"]:
+        assert r["soft_minus_sft"] == pytest.approx(r["soft_loss"] - r["sft_loss"], abs=1e-3)
+        assert r["soft_loss"] != r["sft_loss"]
+    assert "SoFT/SFT" in capsys.readouterr().out
