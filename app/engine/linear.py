@@ -5,12 +5,14 @@ Measured on CPU float32 at decode shapes (a few rows against a few-MB weight):
 
 - one row: ``x @ W`` with ``W`` stored ``[in, out]`` (a plain NN GEMM) beats ``F.linear``'s
   ``x @ W.T`` by 1.4-1.7x, and ``addmm`` folds the residual connection into the same call;
-- several rows: oneDNN's packed-weight linear (``torch.ops.mkldnn._linear_pointwise``, what
-  Inductor emits for frozen CPU graphs) is 1.5-2x faster than either, with the residual add fused
-  as a post-op; it costs ~20 us more per call, which only matters for toy sizes.
+- several rows against a large weight: oneDNN's packed-weight linear
+  (``torch.ops.mkldnn._linear_pointwise``, what Inductor emits for frozen CPU graphs) is 1.5-2x
+  faster than either, with the residual add fused as a post-op; but each call costs ~20 us more,
+  so for small weights (the default model's) plain ``mm`` stays faster at any row count.
 
-So on CPU float32 a ``Linear`` keeps both forms and picks by row count. Elsewhere (CUDA, other
-dtypes, a torch build without oneDNN) only the NN form exists; the model code has one path.
+So on CPU float32 a ``Linear`` with a weight of at least ``PACKED_MIN_NUMEL`` elements keeps both
+forms and picks by row count. Elsewhere (CUDA, other dtypes, a torch build without oneDNN) only the
+NN form exists; the model code has one path.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import torch.nn.functional as F
 logger = logging.getLogger(__name__)
 
 PACKED_MIN_ROWS = 2  # use the oneDNN packed weight from this many rows up
+PACKED_MIN_NUMEL = 1 << 17  # and only for weights this large (512 KiB in float32)
 
 
 def packed_linear_available(device: torch.device, dtype: torch.dtype) -> bool:
@@ -56,7 +59,9 @@ class Linear:
         self.weight_t = weight.t().contiguous()
         self.bias = bias
         self.packed = (
-            torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), None) if pack else None
+            torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), None)
+            if pack and weight.numel() >= PACKED_MIN_NUMEL
+            else None
         )
 
     @property
