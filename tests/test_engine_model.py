@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
+from app.engine import linear
 from app.engine.kv_cache import KVCache
 from app.engine.loader import load_checkpoint
 from app.engine.model import Transformer
@@ -86,7 +87,7 @@ def case(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactor
             for k in range(1, num_layers + 1)
         }
     model = Transformer.from_checkpoint(ckpt.hf_config, ckpt.tensors, 64, "cpu", torch.float32)
-    return model, ids, refs
+    return model, ids, refs, folder
 
 
 def _new_cache(model: Transformer, slots: int = 4) -> KVCache:
@@ -95,7 +96,7 @@ def _new_cache(model: Transformer, slots: int = 4) -> KVCache:
 
 
 def test_prefill_logits_match_reference_at_every_exit(case) -> None:
-    model, ids, refs = case
+    model, ids, refs, _ = case
     assert len(ids) > 20
     with torch.inference_mode():
         for k, ref in refs.items():
@@ -104,7 +105,7 @@ def test_prefill_logits_match_reference_at_every_exit(case) -> None:
 
 
 def test_cached_decode_matches_reference_at_every_exit(case) -> None:
-    model, ids, refs = case
+    model, ids, refs, _ = case
     start = 5
     with torch.inference_mode():
         for k, ref in refs.items():
@@ -119,7 +120,25 @@ def test_cached_decode_matches_reference_at_every_exit(case) -> None:
 
 def test_one_decode_step_serves_rows_of_different_exits_and_lengths(case) -> None:
     """Rows ordered deepest first; layer l runs over the prefix of rows deeper than l."""
-    model, ids, refs = case
+    model, ids, refs, _ = case
+    _check_mixed_rows(model, ids, refs)
+
+
+def test_packed_linears_match_reference(case, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The oneDNN packed path (used for large weights and several rows) keeps the maths."""
+    _, ids, refs, folder = case
+    monkeypatch.setattr(linear, "PACKED_MIN_NUMEL", 0)
+    ckpt = load_checkpoint(folder)
+    model = Transformer.from_checkpoint(ckpt.hf_config, ckpt.tensors, 64, "cpu", torch.float32)
+    if not any(layer.qkv.packed is not None for layer in model.layers):
+        pytest.skip("oneDNN packed linears are not available in this torch build")
+    _check_mixed_rows(model, ids, refs)
+    with torch.inference_mode():
+        got = model.prefill(ids, model.args.num_layers, all_logits=True)
+    torch.testing.assert_close(got, refs[model.args.num_layers], atol=ATOL, rtol=RTOL)
+
+
+def _check_mixed_rows(model: Transformer, ids: torch.Tensor, refs: dict) -> None:
     num_layers = model.args.num_layers
     exits = [num_layers, num_layers, 2, 1]  # deepest first, as the engine keeps them
     starts = [7, 12, 4, 9]
@@ -138,7 +157,7 @@ def test_one_decode_step_serves_rows_of_different_exits_and_lengths(case) -> Non
 
 
 def test_kv_cache_row_moves_preserve_the_rows(case) -> None:
-    model, ids, refs = case
+    model, ids, refs, _ = case
     cache = _new_cache(model)
     with torch.inference_mode():
         model.prefill(ids[:6], 2, cache, row=3)
