@@ -22,7 +22,18 @@ class ModelRunner:
         self.model = model
         self.cache = cache
         self.device = model.device
-        self.positions = torch.zeros(cache.max_slots, dtype=torch.long, device=self.device)
+        # Per-row decode state kept on the device and advanced in place each step, so that a
+        # step builds no position-dependent tensors: positions, the attention mask rows and the
+        # cache-write index. Rebuilt only when the row layout changes.
+        slots = cache.max_slots
+        self.positions = torch.zeros(slots, dtype=torch.long, device=self.device)
+        self._mask = torch.zeros(slots, cache.max_seq_len, dtype=model.dtype, device=self.device)
+        self._index = torch.zeros(
+            slots * 2 * cache.num_kv_heads, dtype=torch.long, device=self.device
+        )
+        self._rows = torch.arange(slots, device=self.device)
+        self._zero = torch.zeros((), dtype=model.dtype, device=self.device)
+        self._next_ids: torch.Tensor | None = None  # the last step's choices, while rows stay put
         self._rows_by_layer: list[int] = []
         self._n = 0
 
@@ -48,7 +59,13 @@ class ModelRunner:
         self.cache.move_rows(moves, copy_len)
         n = len(positions)
         if n:
-            self.positions[:n].copy_(torch.tensor(list(positions), dtype=torch.long))
+            pos = self.positions[:n]
+            pos.copy_(torch.tensor(list(positions), dtype=torch.long))
+            self._mask[:n] = self.model.attention_mask(pos)
+            self._index[: n * 2 * self.cache.num_kv_heads] = self.cache.flat_index(
+                self._rows[:n], pos
+            )
+        self._next_ids = None
         deepest = exits[0] if n else 0
         self._rows_by_layer = [sum(1 for e in exits if e > layer) for layer in range(deepest)]
         self._n = n
@@ -58,9 +75,18 @@ class ModelRunner:
     ) -> list[int]:
         """One step for rows ``0..n-1`` (``tokens[i]`` is row ``i``'s newest token)."""
         n = self._n
-        ids = torch.tensor(list(tokens), dtype=torch.long, device=self.device)
+        ids = self._next_ids
+        if ids is None:
+            ids = torch.tensor(list(tokens), dtype=torch.long, device=self.device)
         positions = self.positions[:n]
-        logits = self.model.decode(ids, positions, self._rows_by_layer, self.cache, kv_len)
+        mask = self._mask[:n]
+        index = self._index[: n * 2 * self.cache.num_kv_heads]
+        logits = self.model.decode(
+            ids, positions, self._rows_by_layer, self.cache, kv_len, mask, index
+        )
         chosen = sample(logits, sampled)
         positions += 1
+        index += 1
+        mask.index_put_((self._rows[:n], positions), self._zero)
+        self._next_ids = chosen
         return chosen.tolist()
