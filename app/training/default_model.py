@@ -49,6 +49,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-heads", type=int, default=2)
     p.add_argument("--intermediate", type=int, default=384)
     p.add_argument("--context", type=int, default=512, help="max_position_embeddings")
+    p.add_argument(
+        "--tie-embeddings",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="share the input embedding with the LM head (default: untied, as in LLaMA)",
+    )
     p.add_argument("--block-size", type=int, default=256, help="pretraining sequence length")
     p.add_argument("--pretrain-steps", type=int, default=600)
     p.add_argument("--pretrain-lr", type=float, default=1.5e-3)
@@ -153,7 +159,7 @@ def build(args: argparse.Namespace) -> int:
             num_key_value_heads=args.kv_heads,
             max_position_embeddings=args.context,
             rms_norm_eps=1e-5,
-            tie_word_embeddings=True,
+            tie_word_embeddings=args.tie_embeddings,
             bos_token_id=tokenizer.bos_token_id,
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,
