@@ -115,7 +115,7 @@ class Transformer:
         self.scale = args.head_dim**-0.5
         self._group = args.num_heads // args.num_kv_heads
         self._heads = args.num_heads
-        self._sum_eps = args.hidden_size * args.rms_norm_eps
+        self._sum_eps = torch.tensor(args.hidden_size * args.rms_norm_eps, device=embed.device)
         # Rotation per head: q and k heads rotate with the position, v heads do not (times 1).
         self._unrotated = (
             torch.arange(args.num_heads + 2 * args.num_kv_heads, device=embed.device)
@@ -236,10 +236,11 @@ class Transformer:
         ``x / sqrt(mean(x^2) + eps) = sqrt(d) * x / sqrt(sum(x^2) + d * eps)``: the sum saves the
         division a mean costs on CPU, and ``sqrt(d)`` joins the norm weight in the next projection.
         """
+        # (eps as a float32 tensor: adding a Python float converts it on every call)
         if self._float32:
-            return x * x.pow(2).sum(-1, keepdim=True).add_(self._sum_eps).rsqrt_()
+            return x * (x * x).sum(-1, keepdim=True).add_(self._sum_eps).rsqrt_()
         h = x.float()
-        return (h * h.pow(2).sum(-1, keepdim=True).add_(self._sum_eps).rsqrt_()).to(x.dtype)
+        return (h * (h * h).sum(-1, keepdim=True).add_(self._sum_eps).rsqrt_()).to(x.dtype)
 
     def _rotations(self, positions: torch.Tensor) -> torch.Tensor:
         """``[t, heads + 2 * kv_heads, head_dim / 2]`` complex: each q and k head's rotation at
