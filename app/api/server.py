@@ -15,6 +15,8 @@ from app.api.state import AppState
 
 logger = logging.getLogger(__name__)
 
+_FAREWELL_S = 3.0  # after the drain timeout, how long cancelled requests get to send their end
+
 
 class DrainingServer(uvicorn.Server):
     def __init__(self, config: uvicorn.Config, state: AppState) -> None:
@@ -38,5 +40,19 @@ class DrainingServer(uvicorn.Server):
         while not drained(self.state):
             time.sleep(0.05)
         if self.state.inflight > 0:
-            logger.warning("drain timeout: stopping with %d request(s) left", self.state.inflight)
+            logger.warning("drain timeout: cancelling %d request(s)", self.state.inflight)
+            self._cancel_stragglers()
         self.should_exit = True
+
+    def _cancel_stragglers(self) -> None:
+        """Cancel what is left in the engine and let the final events reach the clients.
+
+        Without this, setting ``should_exit`` cuts open streams mid-body (sse-starlette cancels
+        them when it sees the flag): a client would get a broken connection instead of a ``done``
+        event with ``finish_reason: cancelled`` (``abort`` on the OpenAI routes).
+        """
+        if self.state.engine is not None:
+            self.state.engine.shutdown(0.0)  # every request left ends now, as cancelled
+        deadline = time.monotonic() + _FAREWELL_S
+        while self.state.inflight > 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
