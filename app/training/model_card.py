@@ -56,15 +56,19 @@ A small LLaMA-architecture model, {kind}. Made by SortedServe's own trainer from
 
 - architecture: LLaMA, {args.layers} layers, hidden {args.hidden}, {args.heads} heads
   ({args.kv_heads} KV heads), MLP {args.intermediate}, byte-level BPE vocabulary {args.vocab_size},
-  context {args.context}; weights saved in {args.save_dtype}
+  context {args.context}, {"tied" if args.tie_embeddings else "untied"} LM head; weights saved in
+  {args.save_dtype}
 - exits trained: {meta.exits} (method `{meta.method}`)
 - prompt format: Alpaca (the chat template renders it; see `app/training/prompting.py`)
 
 ## How it was made
 ```
-make default-model      # = python -m app build-default --data ../shared/data --out model_store
+make default-model
 ```
-Command line as run: `{meta.training.get("command", "")}`
+runs `python -m app build-default --stage pretrain --threads 1`, then the SoFT and the SFT
+fine-tunes from that base side by side (`--stage finetune --methods soft`, `--methods sft`), with
+`--data ../shared/data --out model_store`. This checkpoint's fine-tune ran as:
+`{meta.training.get("command", "")}` (`--work` is only the scratch folder of the base).
 
 1. {held} instructions held out by a hash of the instruction text ({args.held_out:.0%}),
    excluded from every step, written to `{args.heldout_out}`; {trained} used for training.
