@@ -2,10 +2,12 @@
 
 - With a drain timeout longer than the streams: ``/ready`` turns 503 at once, new requests get 503
   in the error shape (``/health`` stays 200), every stream in flight runs to its ``done`` event
-  (native) or ``[DONE]`` (OpenAI), and then the process exits 0.
+  (native) or ``[DONE]`` (OpenAI), a non-streaming request in flight gets its whole answer, and
+  then the process exits 0.
 - With a drain timeout shorter than the streams: soon after the timeout the streams end, cut
   short but cleanly (a final event with ``finish_reason`` ``cancelled``, ``abort`` on the OpenAI
-  route, never a broken connection), and the process still exits 0 promptly.
+  route, never a broken connection; a non-streaming request gets a 200 saying ``cancelled``), and
+  the process still exits 0 promptly.
 """
 
 from __future__ import annotations
@@ -63,6 +65,8 @@ class Stream:
             with httpx.Client(base_url=url, timeout=60) as client:
                 if self.route == "generate":
                     self._native(client)
+                elif self.route == "json":
+                    self._json(client)
                 else:
                     self._chat(client)
         except httpx.HTTPError as exc:
@@ -83,6 +87,17 @@ class Stream:
                     self.final = json.loads(data)
                 elif event == "error":
                     self.error = json.loads(data)
+
+    def _json(self, client: httpx.Client) -> None:
+        """A non-streaming request (start_streams waits until the engine runs it)."""
+        body = {"prompt": PROMPT, "max_new_tokens": self.max_tokens, "ignore_eos": True}
+        self.first_token.set()
+        r = client.post("/v1/generate", json=body)
+        if r.status_code != 200:
+            self.error = r.json()
+            return
+        self.final = r.json()
+        self.tokens = self.final["usage"]["completion_tokens"]
 
     def _chat(self, client: httpx.Client) -> None:
         body = {
@@ -125,6 +140,10 @@ def start_streams(url: str, streams: list[Stream]) -> list[threading.Thread]:
         t.start()
     for s in streams:
         assert s.first_token.wait(60), "a stream never started"
+    with httpx.Client(base_url=url, timeout=10) as client:
+        running, _ = poll(lambda: client.get("/info").json()["load"]["running"] == len(streams), 60)
+    assert running, "not every request reached the engine"
+    for s in streams:
         assert s.failure is None and s.ended_at is None, s
     return threads
 
@@ -158,7 +177,12 @@ def impatient_server(
 def test_sigterm_drains_streams_then_exits_0(draining_server: ServerProcess) -> None:
     proc = draining_server.proc
     assert proc is not None
-    streams = [Stream("generate", 600), Stream("generate", 500), Stream("chat", 400)]
+    streams = [
+        Stream("generate", 600),
+        Stream("generate", 500),
+        Stream("chat", 400),
+        Stream("json", 500),
+    ]
     threads = start_streams(draining_server.url, streams)
 
     sent = time.monotonic()
@@ -205,7 +229,7 @@ def test_sigterm_drains_streams_then_exits_0(draining_server: ServerProcess) -> 
         assert s.failure is None and s.error is None, s
         assert s.final is not None, s
         assert s.ended_at is not None and s.ended_at > checked
-    for s in streams[:2]:
+    for s in (streams[0], streams[1], streams[3]):  # native stream, and JSON: all tokens
         assert s.final["finish_reason"] == "length"  # type: ignore[index]
         assert s.tokens == s.final["usage"]["completion_tokens"] == s.max_tokens  # type: ignore[index]
     assert streams[2].final["choices"][0]["finish_reason"] == "length"  # type: ignore[index]
@@ -219,7 +243,7 @@ def test_drain_timeout_ends_long_streams_and_still_exits_0(
 ) -> None:
     proc = impatient_server.proc
     assert proc is not None
-    streams = [Stream("generate", 1000), Stream("chat", 900)]
+    streams = [Stream("generate", 1000), Stream("chat", 900), Stream("json", 1000)]
     threads = start_streams(impatient_server.url, streams)
 
     sent = time.monotonic()
@@ -252,8 +276,9 @@ def test_drain_timeout_ends_long_streams_and_still_exits_0(
         # cut short, but cleanly: the final event says so, rather than a broken connection
         assert s.failure is None and s.error is None, s
         assert s.final is not None, s
-    native, chat = streams
+    native, chat, whole = streams
     assert native.final["finish_reason"] == "cancelled"  # type: ignore[index]
     assert native.final["usage"]["completion_tokens"] == native.tokens  # type: ignore[index]
     assert chat.final["choices"][0]["finish_reason"] == "abort"  # type: ignore[index]
     assert chat.got_done_marker
+    assert whole.final["finish_reason"] == "cancelled"  # type: ignore[index]
