@@ -9,9 +9,9 @@
   ``max_new_tokens`` that would overflow it, bodies that are not UTF-8 or not JSON, nested too
   deep, or over the body limit (declared or chunked), on every POST route. Each is a clear 4xx in
   the error shape; afterwards the server serves normally and holds nothing.
-- The API key: every ``/v1/`` route of the app (read from its route table, so a new route cannot
-  slip through) refuses a missing or wrong key with 401 before looking at the body; operations
-  routes stay open; the comparison is ``hmac.compare_digest``.
+- The API key: every route of the app but the operations routes and the API docs (read from its
+  route table, so a new route cannot slip through) refuses a missing or wrong key with 401 before
+  looking at the body; those stay open; the comparison is ``hmac.compare_digest``.
 
 tests/test_api_server.py and tests/test_openai_compat.py cover the per-field 422s and the key on
 the four known routes; this file adds what they do not.
@@ -85,6 +85,13 @@ def server(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> I
     with ServerProcess(tiny_checkpoint, log, env, args=["--no-access-log"]) as proc:
         yield proc.url
         assert proc.alive(), f"the server died under bad input:\n{proc.tail()}"
+    if STATUSES:  # not when only some of the other tests ran
+        record_fuzz_figures()
+    if LIMIT_ANSWERS:
+        record_figures("input_limits", {"answers": dict(sorted(LIMIT_ANSWERS.items()))})
+
+
+def record_fuzz_figures() -> None:
     by_status: Counter[int] = Counter()
     for (_, status), n in STATUSES.items():
         by_status[status] += n
@@ -99,7 +106,6 @@ def server(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> I
             "server_errors": sum(n for s, n in by_status.items() if s >= 500),
         },
     )
-    record_figures("input_limits", {"answers": dict(sorted(LIMIT_ANSWERS.items()))})
 
 
 @pytest.fixture(scope="module")
@@ -345,8 +351,22 @@ def test_server_is_unharmed_after_bad_input(client: httpx.Client) -> None:
 # -- the API key -----------------------------------------------------------------------------------
 
 
+# Operations routes and the API docs: open even with a key (SPEC §3, docs/api.md)
+OPEN_PATHS = {
+    "/health",
+    "/ready",
+    "/metrics",
+    "/info",
+    "/openapi.json",
+    "/docs",
+    "/docs/oauth2-redirect",
+    "/redoc",
+}
+
+
 def _key_routes() -> list[tuple[str, str]]:
-    """Every (method, path) of the app under /v1/ (from its route table, not a list by hand)."""
+    """Every (method, path) of the app but the open ones, from its route table: a new route
+    anywhere is an inference route that needs the key unless it is added to OPEN_PATHS."""
     app = create_app(Settings(api_key=KEY))
     try:  # FastAPI ≥ 0.16x includes routers lazily: app.routes holds the routers, not routes
         from fastapi.routing import iter_route_contexts
@@ -358,7 +378,7 @@ def _key_routes() -> list[tuple[str, str]]:
     for route in table:
         path = getattr(route, "path", "")
         for method in sorted(getattr(route, "methods", None) or ()):
-            if path.startswith("/v1/") and method != "HEAD":
+            if path not in OPEN_PATHS and method != "HEAD":
                 routes.append((method, path))
     return routes
 
@@ -374,7 +394,7 @@ WRONG = {
 }
 
 
-def test_every_v1_route_is_protected() -> None:
+def test_every_inference_route_is_protected() -> None:
     assert {p for _, p in KEY_ROUTES} >= {
         "/v1/generate",
         "/v1/completions",
@@ -401,7 +421,7 @@ def test_unknown_v1_path_needs_the_key_too(server: str) -> None:
     assert_error_shape(httpx.get(f"{server}/v1/nope", headers=AUTH, timeout=30), 404)
 
 
-@pytest.mark.parametrize("path", ["/health", "/ready", "/metrics", "/info", "/openapi.json"])
+@pytest.mark.parametrize("path", sorted(OPEN_PATHS - {"/docs/oauth2-redirect"}))
 def test_operations_routes_stay_open(server: str, path: str) -> None:
     assert httpx.get(server + path, timeout=30).status_code == 200
 
