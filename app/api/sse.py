@@ -16,13 +16,20 @@ from starlette.types import Receive, Scope, Send
 
 SSE_MEDIA_TYPE = "text/event-stream"
 
+# Characters that JSON leaves raw but str.splitlines() breaks lines on (httpx's iter_lines and many
+# SSE clients): escaped, the payload decodes to the same text and stays on one data line.
+_LINE_SEPARATORS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
 
 def wants_event_stream(request: Request) -> bool:
     return SSE_MEDIA_TYPE in request.headers.get("accept", "")
 
 
 def sse_event(event: str | None, data: Any) -> dict[str, str]:
-    payload = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)
+    if isinstance(data, str):
+        payload = data
+    else:
+        payload = json.dumps(data, ensure_ascii=False).translate(_LINE_SEPARATORS)
     return {"event": event, "data": payload} if event else {"data": payload}
 
 
