@@ -449,3 +449,16 @@ def test_key_comparison_is_constant_time(monkeypatch: pytest.MonkeyPatch) -> Non
         assert calls == [(("" if header is None else header[7:]).encode(), KEY.encode())]
     verdict["value"] = True  # the spy alone decides: even a wrong key passes now
     assert c.get("/v1/models", headers={"Authorization": "Bearer nope"}).status_code == 204
+
+
+def test_sse_payloads_stay_on_one_line_for_splitlines_clients() -> None:
+    """Found by the disconnect storm: a token of U+2028 (or U+0085, U+2029), legal raw in JSON,
+    split an OpenAI chunk in two for httpx's iter_lines (str.splitlines), so the client read half
+    a JSON object. Payloads escape them now; they decode to the same text."""
+    from app.api.sse import sse_event
+
+    data = {"text": "a\u2028b\x85c\u2029d\x1ce\x0bf\r\ng", "é": "日本"}
+    payload = sse_event("token", data)["data"]
+    assert payload.splitlines() == [payload]
+    assert json.loads(payload) == data
+    assert "日本" in payload  # still UTF-8, not ASCII escapes

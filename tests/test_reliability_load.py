@@ -210,8 +210,13 @@ def test_disconnect_storm_leaks_nothing(storm_server: ServerProcess) -> None:
     assert all(r["finished"] for r in read_to_end), read_to_end
     native = [r for r, s in zip(results, plan, strict=True) if s["route"] == "generate"]
     assert all(r["tokens"] == STORM_TOKENS for r in native if r["finished"]), native
-    # the engine stopped for the clients that left: far fewer tokens than if all had stayed
-    assert tokens_generated < 0.8 * len(plan) * STORM_TOKENS, tokens_generated
+    # the engine stopped for the clients that left: of the tokens they would have been owed, most
+    # were never generated (each leaver costs a few tokens while its departure is noticed)
+    owed_to_leavers = len(plan) * STORM_TOKENS - tokens_received
+    assert tokens_generated - tokens_received < 0.5 * owed_to_leavers, (
+        tokens_generated,
+        tokens_received,
+    )
     assert after.status_code == 200, after.text
     done = after.json()
     assert done["finish_reason"] == "length" and done["usage"]["completion_tokens"] == 16
