@@ -21,31 +21,45 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
-def build_parser() -> tuple[argparse.ArgumentParser, dict[str, object]]:
-    parser = argparse.ArgumentParser(
-        prog="python -m app",
-        description="SortedServe: serve a Sorted-Fine-Tuned model with per-request latency budgets",
-    )
-    parser.add_argument("--log-level", default="INFO", help="logging level (default: INFO)")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+def add_module_commands(
+    sub: argparse._SubParsersAction, registry: dict[str, tuple[str, str]]
+) -> dict[str, object]:
+    """One sub-command per module of ``registry`` (name -> (module, help)); a module that does
+    not exist is skipped. Each module has ``add_arguments(parser)`` and ``run(args)``."""
     modules: dict[str, object] = {}
-    for name, (module_name, help_text) in COMMANDS.items():
+    for name, (module_name, help_text) in registry.items():
         try:
             module = importlib.import_module(module_name)
         except ModuleNotFoundError as exc:
             if exc.name != module_name:
                 raise
             continue
-        p = sub.add_parser(name, help=help_text, description=help_text)
+        p = sub.add_parser(
+            name,
+            help=help_text,
+            description=(module.__doc__ or help_text).strip(),
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
         module.add_arguments(p)  # type: ignore[attr-defined]
+        p.set_defaults(command_module=module)
         modules[name] = module
-    return parser, modules
+    return modules
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m app",
+        description="SortedServe: serve a Sorted-Fine-Tuned model with per-request latency budgets",
+    )
+    parser.add_argument("--log-level", default="INFO", help="logging level (default: INFO)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    add_module_commands(sub, COMMANDS)
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser, modules = build_parser()
-    args = parser.parse_args(argv if argv is not None else sys.argv[1:])
+    args = build_parser().parse_args(argv if argv is not None else sys.argv[1:])
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    return int(modules[args.command].run(args) or 0)  # type: ignore[attr-defined]
+    return int(args.command_module.run(args) or 0)

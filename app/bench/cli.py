@@ -8,7 +8,6 @@ A benchmark is a module in ``app/bench/`` with ``add_arguments(parser)`` and ``r
 from __future__ import annotations
 
 import argparse
-import importlib
 
 # bench name -> (module, one-line help)
 BENCHES: dict[str, tuple[str, str]] = {
@@ -32,22 +31,11 @@ BENCHES: dict[str, tuple[str, str]] = {
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from app.cli import add_module_commands
+
     sub = parser.add_subparsers(dest="bench", metavar="BENCH", required=True)
-    for name, (module_name, help_text) in BENCHES.items():
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as exc:
-            if exc.name != module_name:
-                raise
-            continue
-        p = sub.add_parser(
-            name,
-            help=help_text,
-            description=(module.__doc__ or help_text).strip(),
-            formatter_class=argparse.RawDescriptionHelpFormatter,
-        )
-        module.add_arguments(p)
-        p.set_defaults(bench_module=module)
+    for name, module in add_module_commands(sub, BENCHES).items():
+        sub.choices[name].set_defaults(bench_module=module)
 
 
 def run(args: argparse.Namespace) -> int:
