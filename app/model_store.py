@@ -70,9 +70,11 @@ class SortedMeta:
                 eval=dict(data.get("eval") or {}),
                 training=dict(data.get("training") or {}),
             )
-        except (KeyError, TypeError, ValueError) as exc:
-            if isinstance(exc, ModelStoreError):
-                raise
+        except KeyError as exc:
+            raise ModelStoreError(f"sorted.json is missing the field {exc}") from exc
+        except ModelStoreError:
+            raise
+        except (TypeError, ValueError) as exc:
             raise ModelStoreError(f"sorted.json is malformed: {exc}") from exc
 
 
