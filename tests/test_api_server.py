@@ -17,6 +17,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from app.api.launcher import ServerProcess
+from tests.reliability_support import sse_events
 
 pytestmark = pytest.mark.integration
 
@@ -70,25 +71,6 @@ def generate(client: httpx.Client, **body: Any) -> dict[str, Any]:
     r = client.post("/v1/generate", json={"prompt": PROMPT, "max_new_tokens": 8, **body})
     assert r.status_code == 200, r.text
     return r.json()
-
-
-def sse_events(lines: Iterator[str]) -> Iterator[tuple[str, str]]:
-    """(event, data) pairs from an SSE line stream (comments and ids ignored)."""
-    event, data = "message", []
-    for line in lines:
-        if line == "":
-            if data:
-                yield event, "\n".join(data)
-            event, data = "message", []
-        elif line.startswith(":"):
-            continue
-        else:
-            name, _, value = line.partition(":")
-            value = value.removeprefix(" ")
-            if name == "event":
-                event = value
-            elif name == "data":
-                data.append(value)
 
 
 def metric_samples(client: httpx.Client) -> dict[tuple[str, frozenset], float]:

@@ -8,11 +8,10 @@ learns nothing, not even whether its body was valid); operations routes (``/heal
 from __future__ import annotations
 
 import hmac
-import json
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from app.api.errors import error_body
+from app.api.errors import send_error
 
 PROTECTED_PREFIX = "/v1/"
 
@@ -47,16 +46,4 @@ class ApiKeyMiddleware:
         message = "wrong API key"
         if header is None:
             message = "missing API key: send Authorization: Bearer <key>"
-        body = json.dumps(error_body("auth", message)).encode()
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 401,
-                "headers": [
-                    (b"content-type", b"application/json"),
-                    (b"content-length", str(len(body)).encode()),
-                    (b"www-authenticate", b"Bearer"),
-                ],
-            }
-        )
-        await send({"type": "http.response.body", "body": body})
+        await send_error(send, 401, "auth", message, [(b"www-authenticate", b"Bearer")])

@@ -7,6 +7,7 @@ into that shape. Nothing here knows about the engine.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
@@ -66,6 +67,29 @@ def validation_error(field: str, problem: str) -> ApiError:
 
 def error_body(error_type: ErrorType, message: str) -> dict[str, str]:
     return {"error": message, "error_type": error_type}
+
+
+async def send_error(
+    send: Any,
+    status: int,
+    error_type: ErrorType,
+    message: str,
+    headers: Sequence[tuple[bytes, bytes]] = (),
+) -> None:
+    """Answer with the error shape from raw ASGI middleware (before any route runs)."""
+    body = json.dumps(error_body(error_type, message)).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                *headers,
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
 
 
 def error_response(

@@ -46,6 +46,25 @@ class GenerationParams:
     ignore_eos: bool = False
     arrival: float = field(default_factory=time.perf_counter)
 
+    @classmethod
+    def from_body(
+        cls, body: Any, prompt_ids: list[int], max_new_tokens: int, arrival: float
+    ) -> GenerationParams:
+        """From any route's validated body (native or OpenAI): the fields they share."""
+        return cls(
+            prompt_ids=prompt_ids,
+            max_new_tokens=max_new_tokens,
+            temperature=body.temperature,
+            top_p=body.top_p,
+            top_k=body.top_k,
+            seed=body.seed,
+            stop=stop_tuple(body.stop),
+            budget_ms=body.budget_ms,
+            exit_layer=body.exit_layer,
+            ignore_eos=body.ignore_eos,
+            arrival=arrival,
+        )
+
 
 @dataclass
 class Job:

@@ -9,12 +9,11 @@
 
 from __future__ import annotations
 
-import json
 import time
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.api.errors import error_body
+from app.api.errors import send_error
 from app.api.metrics import Metrics
 
 ARRIVAL_KEY = "sortedserve.arrival"
@@ -85,23 +84,13 @@ class BodyLimitMiddleware:
         await self.app(scope, replay, send)
 
     async def _too_large(self, send: Send) -> None:
-        body = json.dumps(
-            error_body(
-                "validation", f"request body: larger than the {self.max_body_bytes}-byte limit"
-            )
-        ).encode()
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 413,
-                "headers": [
-                    (b"content-type", b"application/json"),
-                    (b"content-length", str(len(body)).encode()),
-                    (b"connection", b"close"),
-                ],
-            }
+        await send_error(
+            send,
+            413,
+            "validation",
+            f"request body: larger than the {self.max_body_bytes}-byte limit",
+            [(b"connection", b"close")],
         )
-        await send({"type": "http.response.body", "body": body})
 
 
 def _content_length(scope: Scope) -> int | None:

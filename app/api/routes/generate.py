@@ -59,21 +59,7 @@ async def generate(body: GenerateRequest, request: Request, service: ServiceDep)
     service.check_exit_layer(body.exit_layer, body.budget_ms)
     prompt_ids = await service.tokenize(body.prompt)
     service.check_context(len(prompt_ids), max_new_tokens)
-    job = service.admit(
-        GenerationParams(
-            prompt_ids=prompt_ids,
-            max_new_tokens=max_new_tokens,
-            temperature=body.temperature,
-            top_p=body.top_p,
-            top_k=body.top_k,
-            seed=body.seed,
-            stop=tuple(body.stop),
-            budget_ms=body.budget_ms,
-            exit_layer=body.exit_layer,
-            ignore_eos=body.ignore_eos,
-            arrival=arrival,
-        )
-    )
+    job = service.admit(GenerationParams.from_body(body, prompt_ids, max_new_tokens, arrival))
     if body.stream or wants_event_stream(request):
         return JobEventSource(_events(service, job), lambda: service.release(job))
     final = await service.run(job, request.receive)

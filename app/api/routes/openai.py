@@ -17,7 +17,7 @@ from fastapi.responses import JSONResponse, Response
 
 from app.api.deps import ServiceDep, StateDep
 from app.api.errors import ApiError, error_body, error_response, error_responses
-from app.api.generation import GenerationParams, GenerationService, Job, stop_tuple
+from app.api.generation import GenerationParams, GenerationService, Job
 from app.api.middleware import ARRIVAL_KEY
 from app.api.openai_schemas import ChatCompletionRequest, CompletionRequest
 from app.api.sse import SSE_MEDIA_TYPE, JobEventSource, sse_event
@@ -60,19 +60,7 @@ def _admit(
     id_prefix: str,
 ) -> Job:
     return service.admit(
-        GenerationParams(
-            prompt_ids=prompt_ids,
-            max_new_tokens=max_new_tokens,
-            temperature=body.temperature,
-            top_p=body.top_p,
-            top_k=body.top_k,
-            seed=body.seed,
-            stop=stop_tuple(body.stop),
-            budget_ms=body.budget_ms,
-            exit_layer=body.exit_layer,
-            ignore_eos=body.ignore_eos,
-            arrival=arrival,
-        ),
+        GenerationParams.from_body(body, prompt_ids, max_new_tokens, arrival),
         id_prefix=id_prefix,
     )
 
