@@ -35,15 +35,9 @@ class GenerationParams:
     """A validated request, whatever route it came from."""
 
     prompt_ids: list[int]
-    max_new_tokens: int
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
+    sampling: SamplingParams
     budget_ms: float | None = None
     exit_layer: int | None = None
-    ignore_eos: bool = False
     arrival: float = field(default_factory=time.perf_counter)
 
     @classmethod
@@ -53,15 +47,17 @@ class GenerationParams:
         """From any route's validated body (native or OpenAI): the fields they share."""
         return cls(
             prompt_ids=prompt_ids,
-            max_new_tokens=max_new_tokens,
-            temperature=body.temperature,
-            top_p=body.top_p,
-            top_k=body.top_k,
-            seed=body.seed,
-            stop=stop_tuple(body.stop),
+            sampling=SamplingParams(
+                max_new_tokens=max_new_tokens,
+                temperature=body.temperature,
+                top_p=body.top_p,
+                top_k=body.top_k,
+                seed=body.seed,
+                stop=stop_tuple(body.stop),
+                ignore_eos=body.ignore_eos,
+            ),
             budget_ms=body.budget_ms,
             exit_layer=body.exit_layer,
-            ignore_eos=body.ignore_eos,
             arrival=arrival,
         )
 
@@ -170,7 +166,7 @@ class GenerationService:
         decision = self.scheduler.admit(
             request_id,
             prompt_tokens=len(params.prompt_ids),
-            max_new_tokens=params.max_new_tokens,
+            max_new_tokens=params.sampling.max_new_tokens,
             budget_ms=params.budget_ms,
             exit_layer=params.exit_layer,
             arrival=params.arrival,
@@ -219,15 +215,7 @@ class GenerationService:
             request_id=job.request_id,
             prompt_ids=p.prompt_ids,
             exit_layer=job.decision.exit_layer,
-            sampling=SamplingParams(
-                max_new_tokens=p.max_new_tokens,
-                temperature=p.temperature,
-                top_p=p.top_p,
-                top_k=p.top_k,
-                seed=p.seed,
-                stop=p.stop,
-                ignore_eos=p.ignore_eos,
-            ),
+            sampling=p.sampling,
             arrival_time=p.arrival,
         )
         stream = self.engine.generate(request)
