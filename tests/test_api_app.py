@@ -4,6 +4,9 @@ takes (loading, load failure, engine errors inside a stream, draining) and the p
 from __future__ import annotations
 
 import asyncio
+import inspect
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -16,6 +19,7 @@ from fastapi.testclient import TestClient
 from app.api.main import create_app
 from app.engine import EngineClosedError
 from app.engine.types import (
+    EngineProtocol,
     EngineStats,
     FinalEvent,
     GenerationRequest,
@@ -83,9 +87,6 @@ class FakeEngine:
     def cancel(self, request_id: str) -> None:
         self.cancelled.append(request_id)
 
-    def lower_exit(self, request_id: str, exit_layer: int) -> None:
-        pass
-
     async def generate(self, request: GenerationRequest) -> AsyncIterator[Any]:
         words = [self._words.get(t, "?") for t in request.prompt_ids]
         if words == ["closed"]:
@@ -96,12 +97,13 @@ class FakeEngine:
         n = min(request.sampling.max_new_tokens, 3)
         for i in range(n):
             await asyncio.sleep(0)
+            row = RowState(request.request_id, request.exit_layer, i + 1, n, 1, 0.0)
             report = StepReport(
                 now=time.perf_counter(),
                 step_seconds=0.001,
-                batch_size=1,
-                deepest_exit=request.exit_layer,
-                rows=(RowState(request.request_id, request.exit_layer, i + 1, n, 1, 0.0),),
+                exits=(request.exit_layer,),
+                rows=(row,) if i + 1 < n else (),
+                finished=(row,) if i + 1 == n else (),
                 waiting=0,
             )
             self.step_hook(report)
@@ -122,6 +124,32 @@ class FakeEngine:
             ms_per_token=0.25,
             error="scripted failure" if reason == "error" else None,
         )
+
+
+def test_the_api_layer_imports_no_torch() -> None:
+    # A fresh interpreter sees the API's own imports (the engine's types and config included).
+    code = "import sys, app.api.main, app.scheduler; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_the_real_and_the_fake_engine_satisfy_the_engine_protocol(tiny_checkpoint: Path) -> None:
+    from app.engine import Engine, EngineConfig
+
+    real = Engine.from_pretrained(tiny_checkpoint, EngineConfig(max_slots=1, max_seq_len=32))
+    methods = [
+        name
+        for name in dir(EngineProtocol)
+        if not name.startswith("_") and callable(getattr(EngineProtocol, name))
+    ]
+    assert set(methods) >= {"encode", "generate", "cancel", "stats", "shutdown", "start"}
+    for engine in (real, FakeEngine(step_hook=None)):
+        assert isinstance(engine, EngineProtocol)
+        for name in methods:
+            wanted = inspect.signature(getattr(EngineProtocol, name)).parameters
+            have = inspect.signature(getattr(engine, name)).parameters
+            assert list(wanted)[1 : len(have) + 1] == list(have)[: len(wanted) - 1], name
+    real.shutdown(0)
 
 
 def make_settings(tmp_path: Path, **overrides: Any) -> Settings:

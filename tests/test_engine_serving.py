@@ -44,15 +44,23 @@ class HookPlan:
 
     def __init__(self) -> None:
         self.plan: dict[str, tuple[int, int]] = {}  # request id -> (at generated, new exit)
+        self.after: dict[str, list[tuple[int, object]]] = {}  # id -> [(from generated, exit)]
+        self.unknown: dict[str, object] = {}  # sent with every report
         self.reports: list[StepReport] = []
 
-    def __call__(self, report: StepReport) -> dict[str, int]:
+    def __call__(self, report: StepReport) -> dict[str, object]:
         self.reports.append(report)
-        return {
+        out: dict[str, object] = {**self.unknown}
+        out |= {
             row.request_id: self.plan[row.request_id][1]
             for row in report.rows
             if row.request_id in self.plan and row.generated == self.plan[row.request_id][0]
         }
+        for row in report.rows:
+            for at, new_exit in self.after.get(row.request_id, []):
+                if row.generated >= at:
+                    out[row.request_id] = new_exit
+        return out
 
 
 @pytest.fixture(scope="module")
@@ -203,22 +211,22 @@ def test_step_hook_lowers_an_exit_mid_sequence(
     assert max(r.deepest_exit for r in hook.reports) == 4
 
 
-def test_lower_exit_call_applies_between_steps(
-    engine: Engine, reference_model: Transformer
+def test_lowered_exits_apply_between_steps_and_bad_ones_are_ignored(
+    engine: Engine, hook: HookPlan, reference_model: Transformer
 ) -> None:
     req = request(engine, PROMPTS[3], 4, max_new_tokens=20)
+    # from token 3 on the hook asks for exit 1; from token 6 on also for exit 3 (not lower than
+    # 1 any more: ignored), for an exit that is no int, and for a request that does not exist
+    hook.after[req.request_id] = [(3, 1), (6, 3), (8, "deep")]
+    hook.unknown = {"no-such-request": 1}
 
     async def main() -> Events:
-        events = []
-        async for ev in engine.generate(req):
-            events.append(ev)
-            if len(events) == 3:
-                engine.lower_exit(req.request_id, 1)
-                engine.lower_exit(req.request_id, 3)  # not lower than 1 any more: ignored
-                engine.lower_exit("no-such-request", 1)  # ignored
-        return events
+        return [ev async for ev in engine.generate(req)]
 
-    ev = asyncio.run(main())
+    try:
+        ev = asyncio.run(main())
+    finally:
+        hook.unknown = {}
     fin = final(ev)
     assert fin.exit_layer == 1 and len(fin.downgrades) == 1
     at = fin.downgrades[0].at_token
@@ -384,7 +392,7 @@ def test_full_context_stops_with_length(tiny_checkpoint: Path) -> None:
 def test_a_failing_step_fails_its_requests_and_the_engine_goes_on(
     engine: Engine, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real = engine._runner.decode
+    real = engine._loop.runner.decode
     calls = {"n": 0}
 
     def flaky(*args, **kwargs):
@@ -393,7 +401,7 @@ def test_a_failing_step_fails_its_requests_and_the_engine_goes_on(
             raise RuntimeError("injected failure")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(engine._runner, "decode", flaky)
+    monkeypatch.setattr(engine._loop.runner, "decode", flaky)
     fin = final(run(engine, request(engine, PROMPTS[0], 4, max_new_tokens=6))[0])
     assert fin.finish_reason == "error" and "injected failure" in (fin.error or "")
     fin = final(run(engine, request(engine, PROMPTS[0], 4, max_new_tokens=6))[0])
@@ -407,11 +415,11 @@ def test_failing_prefill_or_loop_fails_only_the_affected_requests(
         raise RuntimeError("prefill broke")
 
     with monkeypatch.context() as m:
-        m.setattr(engine._runner, "prefill", broken_prefill)
+        m.setattr(engine._loop.runner, "prefill", broken_prefill)
         fin = final(run(engine, request(engine, PROMPTS[0], 4, max_new_tokens=4))[0])
     assert fin.finish_reason == "error" and "prefill broke" in (fin.error or "")
 
-    real_admit = engine._admit
+    real_admit = engine._loop.admit
     calls = {"n": 0}
 
     def flaky_admit() -> None:
@@ -421,7 +429,7 @@ def test_failing_prefill_or_loop_fails_only_the_affected_requests(
         real_admit()
 
     with monkeypatch.context() as m:
-        m.setattr(engine, "_admit", flaky_admit)
+        m.setattr(engine._loop, "admit", flaky_admit)
         fin = final(run(engine, request(engine, PROMPTS[0], 4, max_new_tokens=4))[0])
     assert fin.finish_reason == "error" and "loop bug" in (fin.error or "")
     fin = final(run(engine, request(engine, PROMPTS[0], 4, max_new_tokens=4))[0])

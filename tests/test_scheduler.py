@@ -41,14 +41,11 @@ class Report:
     now: float
     step_seconds: float
     rows: tuple[Row, ...]
+    finished: tuple[Row, ...] = ()
 
     @property
-    def batch_size(self) -> int:
-        return len(self.rows)
-
-    @property
-    def deepest_exit(self) -> int:
-        return max(r.exit_layer for r in self.rows)
+    def exits(self) -> tuple[int, ...]:
+        return tuple(r.exit_layer for r in (*self.rows, *self.finished))
 
 
 class Clock:
@@ -244,7 +241,7 @@ def test_finished_rows_stop_counting_as_load() -> None:
     sched.on_step(Report(clock.t, 0.01, (Row("a", 12, 1), Row("b", 12, 1))))
     busy = sched.expected_wait_ms()
     clock.t += 0.01
-    sched.on_step(Report(clock.t, 0.01, (Row("a", 12, 2),)))  # b left the batch
+    sched.on_step(Report(clock.t, 0.01, (Row("a", 12, 2),), (Row("b", 12, 2),)))  # b left
     assert busy > 0 and sched.expected_wait_ms() < busy / 10
 
 

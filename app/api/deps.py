@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -41,13 +41,6 @@ def get_ready_state(state: StateDep) -> AppState:
 
 
 ReadyStateDep = Annotated[AppState, Depends(get_ready_state)]
-
-
-def get_engine(state: ReadyStateDep) -> Any:
-    return state.engine
-
-
-EngineDep = Annotated[Any, Depends(get_engine)]  # app.engine.Engine
 
 
 def get_service(state: ReadyStateDep) -> GenerationService:

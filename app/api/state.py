@@ -9,9 +9,10 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from app.api.metrics import Metrics
+from app.engine.types import EngineProtocol
 from app.settings import Settings
 
 if TYPE_CHECKING:
@@ -22,7 +23,7 @@ if TYPE_CHECKING:
 class AppState:
     settings: Settings
     metrics: Metrics
-    engine: Any = None  # app.engine.Engine (typed loosely: importing it would import torch)
+    engine: EngineProtocol | None = None  # app.engine.Engine, or a test double
     scheduler: DepthScheduler | None = None
     model_id: str = ""
     profile_source: str = ""  # "measured" or "cache"

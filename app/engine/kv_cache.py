@@ -15,8 +15,8 @@ fastest decode step: per-layer prefix views, per-row lengths handled by a mask, 
 that CUDA graphs can capture later. Paging pays off when contexts are long and their lengths vary
 a lot (memory is then the limit); it would need a block table and a gather in every attention call,
 which is pure overhead at this scale. The price of the row order is a copy when a request joins,
-leaves or moves to a shallower exit; :func:`plan_rows` keeps those copies to at most a few rows per
-change, and only the layers and positions in use are copied.
+leaves or moves to a shallower exit; :func:`app.engine.batch.plan_rows` keeps those copies to at
+most a few rows per change, and only the layers and positions in use are copied.
 """
 
 from __future__ import annotations
@@ -24,6 +24,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+
+from app.engine.batch import plan_rows
+
+__all__ = ["KVCache", "plan_rows"]
 
 
 class KVCache:
@@ -96,30 +100,3 @@ class KVCache:
             cache = self.kv[layer]
             # Advanced indexing on the right makes a copy first, so overlapping moves are safe.
             cache[dst, :, :length] = cache[src, :, :length]
-
-
-def plan_rows(current: Sequence[int], exits: Sequence[int]) -> list[int]:
-    """New rows for requests now in rows ``current`` with ``exits``: grouped by exit, deepest first.
-
-    The result fills rows ``0..n-1``; a request keeps its row when the row already lies inside its
-    exit group's range, so a join, a leave or a lowered exit moves at most one row per exit group.
-    """
-    n = len(current)
-    order = sorted(range(n), key=lambda i: -exits[i])
-    ranges: dict[int, tuple[int, int]] = {}
-    for rank, i in enumerate(order):
-        start, _ = ranges.get(exits[i], (rank, rank))
-        ranges[exits[i]] = (start, rank + 1)
-    new = [-1] * n
-    taken: set[int] = set()
-    for i in range(n):
-        start, end = ranges[exits[i]]
-        if start <= current[i] < end:
-            new[i] = current[i]
-            taken.add(current[i])
-    for exit_layer, (start, end) in ranges.items():
-        free = iter(r for r in range(start, end) if r not in taken)
-        for i in range(n):
-            if exits[i] == exit_layer and new[i] < 0:
-                new[i] = next(free)
-    return new

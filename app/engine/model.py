@@ -5,18 +5,20 @@ attention, SwiGLU, optional biases (Qwen2's qkv bias, LLaMA's ``attention_bias``
 tied or untied head. A row that exits at ``k`` gets ``lm_head(norm(h_k))``: the model's own final
 norm and shared head.
 
-Load-time rewrites that keep the maths of the reference: q/k/v are fused into one projection;
-each RMSNorm's weight is folded into the columns of the projection that reads it; q and k rows are
-permuted per head so that rotary embedding is one complex multiply (see :mod:`app.engine.rope`).
+The weights arrive already fused and folded (:mod:`app.engine.weights`): one qkv projection with
+the input norm folded in and q/k rows interleaved for the rotary multiply, one gate/up projection
+with the post-attention norm folded in, the final norm folded into the head.
 
-Two entry points: :meth:`Transformer.prefill` runs one request's prompt and fills its cache row;
+Two entry points share one layer body (:meth:`Transformer._layer`) and differ only in attention:
+:meth:`Transformer.prefill` runs one request's prompt causally and fills its cache row;
 :meth:`Transformer.decode` runs one token for each of ``n`` rows, layer ``l`` over the prefix of
-rows deeper than ``l``. The model knows rows and positions, not requests or tokenizers.
+rows deeper than ``l``, attending over the cache. The model knows rows and positions, not requests
+or tokenizers.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,12 +26,11 @@ import torch
 import torch.nn.functional as F
 
 from app.engine.kv_cache import KVCache
-from app.engine.linear import Linear, packed_linear_available
-from app.engine.rope import head_dim_of, interleave_permutation, rope_table
+from app.engine.linear import Linear
+from app.engine.rope import head_dim_of
 from app.model_store import ModelStoreError
 
 KV_BLOCK = 32  # decode attention spans a multiple of this many positions
-MAX_PACKED_BYTES = 2**30  # keep oneDNN-packed weight copies up to this model size
 
 
 @dataclass(frozen=True)
@@ -67,34 +68,6 @@ class Layer:
     o: Linear
     gate_up: Linear  # post-attention norm folded in; gate columns, then up columns
     down: Linear
-
-
-class _Tensors:
-    """Checkpoint tensors by name, shape-checked, in float32 for the load-time rewrites."""
-
-    def __init__(self, tensors: dict[str, torch.Tensor]) -> None:
-        self.tensors = tensors
-
-    def get(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
-        tensor = self.tensors.get(name)
-        if tensor is None:
-            raise ModelStoreError(f"the checkpoint has no tensor {name!r}")
-        if tuple(tensor.shape) != shape:
-            raise ModelStoreError(
-                f"tensor {name!r} has shape {tuple(tensor.shape)}, the config implies {shape}"
-            )
-        return tensor.float()
-
-    def optional(self, name: str, shape: tuple[int, ...]) -> torch.Tensor | None:
-        return self.get(name, shape) if name in self.tensors else None
-
-
-def _cat_bias(parts: Sequence[torch.Tensor | None], sizes: Sequence[int]) -> torch.Tensor | None:
-    if all(p is None for p in parts):
-        return None
-    return torch.cat(
-        [p if p is not None else torch.zeros(n) for p, n in zip(parts, sizes, strict=True)]
-    )
 
 
 class Transformer:
@@ -143,87 +116,10 @@ class Transformer:
         dtype: torch.dtype,
         packed_linear: bool = True,
     ) -> Transformer:
-        a = ModelArgs.from_hf(hf_config)
-        t = _Tensors(tensors)
-        weight_bytes = sum(v.numel() for v in tensors.values()) * torch.finfo(dtype).bits // 8
-        # Packed copies double the weights' memory: worth it for the small models served on CPU.
-        pack = (
-            packed_linear
-            and weight_bytes <= MAX_PACKED_BYTES
-            and packed_linear_available(torch.device(device), dtype)
-        )
+        """The model of a checkpoint's tensors (see :func:`app.engine.weights.build_model`)."""
+        from app.engine.weights import build_model
 
-        def linear(weight: torch.Tensor, bias: torch.Tensor | None = None) -> Linear:
-            cast = bias.to(device, dtype) if bias is not None else None
-            return Linear(weight.to(device, dtype), cast, pack)
-
-        hd, inter = a.hidden_size, a.intermediate_size
-        q_dim, kv_dim = a.num_heads * a.head_dim, a.num_kv_heads * a.head_dim
-        perm = interleave_permutation(a.head_dim)
-        q_rows = (torch.arange(a.num_heads)[:, None] * a.head_dim + perm).flatten()
-        k_rows = (torch.arange(a.num_kv_heads)[:, None] * a.head_dim + perm).flatten()
-        rows = torch.cat([q_rows, q_dim + k_rows, q_dim + kv_dim + torch.arange(kv_dim)])
-        layers = []
-        for i in range(a.num_layers):
-            p = f"model.layers.{i}."
-            att, mlp = p + "self_attn.", p + "mlp."
-            # sqrt(hidden) * weight: see _norm
-            in_norm = t.get(p + "input_layernorm.weight", (hd,)) * hd**0.5
-            post_norm = t.get(p + "post_attention_layernorm.weight", (hd,)) * hd**0.5
-            qkv = torch.cat(
-                [
-                    t.get(att + "q_proj.weight", (q_dim, hd)),
-                    t.get(att + "k_proj.weight", (kv_dim, hd)),
-                    t.get(att + "v_proj.weight", (kv_dim, hd)),
-                ]
-            )
-            qkv_bias = _cat_bias(
-                [
-                    t.optional(att + "q_proj.bias", (q_dim,)),
-                    t.optional(att + "k_proj.bias", (kv_dim,)),
-                    t.optional(att + "v_proj.bias", (kv_dim,)),
-                ],
-                (q_dim, kv_dim, kv_dim),
-            )
-            layers.append(
-                Layer(
-                    qkv=linear(
-                        (qkv * in_norm)[rows], qkv_bias[rows] if qkv_bias is not None else None
-                    ),
-                    o=linear(
-                        t.get(att + "o_proj.weight", (hd, q_dim)),
-                        t.optional(att + "o_proj.bias", (hd,)),
-                    ),
-                    gate_up=linear(
-                        torch.cat(
-                            [
-                                t.get(mlp + "gate_proj.weight", (inter, hd)),
-                                t.get(mlp + "up_proj.weight", (inter, hd)),
-                            ]
-                        )
-                        * post_norm,
-                        _cat_bias(
-                            [
-                                t.optional(mlp + "gate_proj.bias", (inter,)),
-                                t.optional(mlp + "up_proj.bias", (inter,)),
-                            ],
-                            (inter, inter),
-                        ),
-                    ),
-                    down=linear(
-                        t.get(mlp + "down_proj.weight", (hd, inter)),
-                        t.optional(mlp + "down_proj.bias", (hd,)),
-                    ),
-                )
-            )
-        embed = t.get("model.embed_tokens.weight", (a.vocab_size, hd))
-        if getattr(hf_config, "tie_word_embeddings", False):
-            head = embed
-        else:
-            head = t.get("lm_head.weight", (a.vocab_size, hd))
-        head = linear(head * (t.get("model.norm.weight", (hd,)) * hd**0.5))
-        rope = rope_table(hf_config, max_seq_len, device)
-        return cls(a, embed.to(device, dtype).contiguous(), layers, head, rope)
+        return build_model(hf_config, tensors, max_seq_len, device, dtype, packed_linear)
 
     # -- building blocks -------------------------------------------------------------------------
 
@@ -260,6 +156,19 @@ class Transformer:
         gate, up = w.gate_up(self._norm(x)).chunk(2, dim=1)
         return w.down.add(F.silu(gate).mul_(up), x)
 
+    def _layer(
+        self,
+        x: torch.Tensor,
+        layer: int,
+        rotations: torch.Tensor,
+        attend: Callable[[torch.Tensor, int], torch.Tensor],
+    ) -> torch.Tensor:
+        """One decoder layer over the rows of ``x [t, hidden]``; ``attend(qkv, layer)`` stores
+        the keys and values and returns the attention output ``[t, heads * head_dim]``."""
+        w = self.layers[layer]
+        x = w.o.add(attend(self._qkv(x, w, rotations), layer), x)
+        return self._mlp(x, w)
+
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """Final norm and the shared head, in float32 for sampling."""
         out = self.head(self._norm(x))
@@ -281,12 +190,10 @@ class Transformer:
         """
         a = self.args
         t = ids.shape[0]
-        x = F.embedding(ids, self.embed)
-        rotations = self._rotations(self._positions[:t])
         heads, kv_heads = a.num_heads, a.num_kv_heads
-        for layer in range(exit_layer):
-            w = self.layers[layer]
-            qkv = self._qkv(x, w, rotations).transpose(0, 1)  # [all heads, t, d]
+
+        def attend(qkv: torch.Tensor, layer: int) -> torch.Tensor:
+            qkv = qkv.transpose(0, 1)  # [all heads, t, d]
             if cache is not None:
                 cache.kv[layer][row, :, :t] = qkv[heads:]
             out = F.scaled_dot_product_attention(
@@ -295,10 +202,14 @@ class Transformer:
                 qkv[None, heads + kv_heads :],
                 is_causal=True,
                 scale=self.scale,
-                enable_gqa=a.num_heads != a.num_kv_heads,
+                enable_gqa=heads != kv_heads,
             )
-            x = w.o.add(out[0].transpose(0, 1).reshape(t, -1), x)
-            x = self._mlp(x, w)
+            return out[0].transpose(0, 1).reshape(t, -1)
+
+        x = F.embedding(ids, self.embed)
+        rotations = self._rotations(self._positions[:t])
+        for layer in range(exit_layer):
+            x = self._layer(x, layer, rotations, attend)
         return self.logits(x if all_logits else x[-1:])
 
     # -- decode -----------------------------------------------------------------------------------
@@ -343,17 +254,9 @@ class Transformer:
         if index is None:
             index = cache.flat_index(self._positions[:n], positions)
         heads, kv_heads, group, head_dim = a.num_heads, a.num_kv_heads, self._group, a.head_dim
-        exited: list[torch.Tensor] = []
         m = -1
-        for layer, rows in enumerate(rows_by_layer):
-            if rows != m:
-                if rows < x.shape[0]:
-                    exited.append(x[rows:])
-                    x = x[:rows]
-                m = rows
-                m_rot, m_mask, m_index = rotations[:m], mask[:m], index[: m * 2 * kv_heads]
-            w = self.layers[layer]
-            qkv = self._qkv(x, w, m_rot)
+
+        def attend(qkv: torch.Tensor, layer: int) -> torch.Tensor:
             cache.flat[layer].index_copy_(0, m_index, qkv[:, heads:].reshape(-1, head_dim))
             keys, values = cache.window(layer, m, span)
             # One query token: the heads sharing a kv head act as that head's query rows.
@@ -364,8 +267,17 @@ class Transformer:
                 attn_mask=m_mask,
                 scale=self.scale,
             )
-            x = w.o.add(out.reshape(m, -1), x)
-            x = self._mlp(x, w)
+            return out.reshape(m, -1)
+
+        exited: list[torch.Tensor] = []
+        for layer, rows in enumerate(rows_by_layer):
+            if rows != m:
+                if rows < x.shape[0]:
+                    exited.append(x[rows:])
+                    x = x[:rows]
+                m = rows
+                m_rot, m_mask, m_index = rotations[:m], mask[:m], index[: m * 2 * kv_heads]
+            x = self._layer(x, layer, m_rot, attend)
         if exited:
             x = torch.cat([x, *reversed(exited)])
         return self.logits(x)

@@ -1,7 +1,8 @@
-"""Per-request state inside the engine: tokens, exit, cache row, text, timings, event queue.
+"""One request's running state inside the engine: tokens, exit, cache row, text, timings.
 
 Pure Python (no torch). The engine thread owns every field; only ``queue`` and ``loop`` are used to
-hand events back to the asyncio side.
+hand events back to the asyncio side. :meth:`RequestState.accept` is the whole per-token
+post-processing: detokenise, match stop strings, decide whether the request is finished.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ import random
 from dataclasses import dataclass, field
 
 from app.engine.detokenizer import Decode, IncrementalDecoder, StopMatcher
-from app.engine.sampling import RowSampling
 from app.engine.types import (
     Downgrade,
     FinalEvent,
@@ -20,6 +20,16 @@ from app.engine.types import (
     RowState,
     TokenEvent,
 )
+
+
+@dataclass(frozen=True)
+class RowSampling:
+    """One row's sampling for one token (greedy rows have none)."""
+
+    temperature: float
+    top_k: int
+    top_p: float
+    uniform: float  # in [0, 1), drawn from the request's own generator
 
 
 @dataclass(eq=False)
@@ -75,10 +85,6 @@ class RequestState:
         """Where the newest token goes in the cache (= positions already filled)."""
         return self.prompt_len + len(self.generated) - 1
 
-    @property
-    def greedy(self) -> bool:
-        return self.request.sampling.temperature <= 0.0
-
     def next_sampling(self) -> RowSampling | None:
         """This token's sampling parameters (one draw from the request's own generator)."""
         p = self.request.sampling
@@ -90,9 +96,34 @@ class RequestState:
         self.downgrades.append(Downgrade(len(self.generated), self.exit_layer, new_exit))
         self.exit_layer = new_exit
 
-    def token_event(self, token_id: int, text: str) -> TokenEvent:
+    def accept(
+        self, token: int, now: float, eos: frozenset[int], max_seq_len: int
+    ) -> tuple[TokenEvent, FinishReason | None]:
+        """Take one generated token: its event (with the text now safe to send), and why the
+        request ends here, if it does."""
+        self.generated.append(token)
+        self.last_token_at = now
+        if self.first_token_at is None:
+            self.first_token_at = now
+        p = self.request.sampling
+        reason: FinishReason | None = None
+        if token in eos and not p.ignore_eos:
+            reason = "eos"
+            text = ""
+        else:
+            text = self.stops.push(self.decoder.add(token))
+            if self.stops.stopped:
+                reason = "stop"
+            elif len(self.generated) >= p.max_new_tokens or self.position + 1 >= max_seq_len:
+                reason = "length"
+        if reason in ("eos", "length"):
+            text += self.stops.push(self.decoder.flush())
+            if self.stops.stopped:
+                reason = "stop"
+            else:
+                text += self.stops.flush()
         self.sent_text.append(text)
-        return TokenEvent(len(self.generated) - 1, text, token_id, self.exit_layer)
+        return TokenEvent(len(self.generated) - 1, text, token, self.exit_layer), reason
 
     def row_state(self) -> RowState:
         return RowState(

@@ -8,7 +8,8 @@ host read (the chosen tokens); everything else stays on the device. A later CUDA
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 
 import torch
 
@@ -36,6 +37,12 @@ class ModelRunner:
         self._next_ids: torch.Tensor | None = None  # the last step's choices, while rows stay put
         self._rows_by_layer: list[int] = []
         self._n = 0
+
+    @contextlib.contextmanager
+    def inference(self) -> Iterator[None]:
+        """The torch mode every runner call runs under (per thread)."""
+        with torch.inference_mode():
+            yield
 
     def prefill(
         self, row: int, prompt_ids: Sequence[int], exit_layer: int, sampling: RowSampling | None

@@ -10,19 +10,14 @@ then top-k, then top-p (the smallest set of tokens whose probability reaches ``t
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 
+from app.engine.request_state import RowSampling
+
+__all__ = ["RowSampling", "sample", "sample_rows"]
+
 MIN_TEMPERATURE = 1e-5
-
-
-@dataclass(frozen=True)
-class RowSampling:
-    temperature: float
-    top_k: int
-    top_p: float
-    uniform: float  # in [0, 1), drawn from the request's own generator
 
 
 def sample(logits: torch.Tensor, sampled: Sequence[tuple[int, RowSampling]]) -> torch.Tensor:

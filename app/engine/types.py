@@ -1,16 +1,17 @@
-"""Plain-data types that cross the engine boundary.
+"""Plain-data types that cross the engine boundary, and the engine's interface (no torch here).
 
-The API layer and the scheduler see only these (no torch types): a request goes in as
-:class:`GenerationRequest`, and comes back as a stream of :class:`TokenEvent` ending with one
-:class:`FinalEvent`. After every decode step the engine reports a :class:`StepReport` to an optional
-hook, which may answer with lowered exits for running requests.
+The API layer and the scheduler see only these: a request goes in as :class:`GenerationRequest`,
+and comes back as a stream of :class:`TokenEvent` ending with one :class:`FinalEvent`. After every
+decode step the engine reports a :class:`StepReport` to an optional hook, which may answer with
+lowered exits for running requests. :class:`EngineProtocol` is what the API needs of an engine;
+``app.engine.Engine`` and the tests' fake engine both satisfy it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, Protocol, runtime_checkable
 
 FinishReason = Literal["length", "stop", "eos", "cancelled", "error"]
 
@@ -81,12 +82,24 @@ class RowState:
 
 @dataclass(frozen=True)
 class StepReport:
+    """One decode step: the exit of every row in it, the rows still running after it, and the rows
+    that left the batch since the last report (finished in this step, at their prefill, or
+    cancelled or failed between steps)."""
+
     now: float  # perf_counter at the end of the step
     step_seconds: float
-    batch_size: int
-    deepest_exit: int
+    exits: tuple[int, ...]  # row order: deepest first
     rows: tuple[RowState, ...]
+    finished: tuple[RowState, ...]
     waiting: int  # requests queued for prefill
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.exits)
+
+    @property
+    def deepest_exit(self) -> int:
+        return max(self.exits, default=0)
 
 
 # Called in the engine thread after each decode step; returns {request_id: new (lower) exit}.
@@ -110,6 +123,9 @@ class ProfilePoint:
     decode_ms_by_batch: dict[int, float]
 
 
+Event = TokenEvent | FinalEvent
+
+
 @dataclass(frozen=True)
 class ModelInfo:
     model_id: str
@@ -124,3 +140,30 @@ class ModelInfo:
     soft_tuned: bool
     quality: dict[str, float]  # sorted.json eval.by_exit, keys are exits as strings
     metric: str  # the quality metric's name, e.g. "loss"
+
+
+class EngineClosedError(RuntimeError):
+    """The engine is shutting down and accepts no new requests."""
+
+
+@runtime_checkable
+class EngineProtocol(Protocol):
+    """What the API layer needs of an engine (``app.engine.Engine``, or a test double)."""
+
+    info: ModelInfo
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def encode_chat(self, messages: Sequence[dict[str, str]]) -> list[int]: ...
+
+    def measure_profile(self, batch_sizes: Sequence[int]) -> list[ProfilePoint]: ...
+
+    def start(self) -> None: ...
+
+    def generate(self, request: GenerationRequest) -> AsyncIterator[Event]: ...
+
+    def cancel(self, request_id: str) -> None: ...
+
+    def stats(self) -> EngineStats: ...
+
+    def shutdown(self, timeout_s: float = 30.0) -> None: ...

@@ -40,6 +40,7 @@ from typing import Any
 from app.scheduler.online import StepLatencyModel, StepReportLike
 from app.scheduler.plans import Decision, Plan, SchedulerConfig, SchedulingError
 from app.scheduler.profile import LatencyProfile
+from app.scheduler.tracked import Tracked
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +59,7 @@ class DepthScheduler:
         self.exits = profile.exits
         self._clock = clock
         self._lock = threading.Lock()
-        self._plans: dict[str, Plan] = {}  # insertion order = arrival order
+        self._tracked = Tracked()
         self.latency = StepLatencyModel(
             profile,
             alpha=self.config.alpha,
@@ -94,10 +95,10 @@ class DepthScheduler:
     ) -> Decision:
         """Decide and remember the request until :meth:`finish`."""
         with self._lock:
-            if request_id in self._plans:
+            if request_id in self._tracked:
                 raise SchedulingError(f"request {request_id!r} is already scheduled")
             decision = self._decide(prompt_tokens, max_new_tokens, budget_ms, exit_layer)
-            self._plans[request_id] = Plan(
+            plan = Plan(
                 request_id=request_id,
                 arrival=self._clock() if arrival is None else arrival,
                 prompt_tokens=prompt_tokens,
@@ -108,6 +109,7 @@ class DepthScheduler:
                 feasible=decision.feasible,
                 raw_predicted_ms=decision.predicted_ms / self.bias,
             )
+            self._tracked.add(plan)
             return decision
 
     def _decide(
@@ -159,17 +161,16 @@ class DepthScheduler:
         )
         pending = self._pending_prefill_ms()
         paces = [
-            p.allowed_pace(now, self._headroom, pending + stall_ms)
+            p.allowed_pace(now, self._tracked.generated(p), self._headroom, pending + stall_ms)
             for p in co_plans
-            if p.started and not p.gone
+            if self._tracked.is_running(p)
         ]
         return min((pace for pace in paces if pace >= floor), default=math.inf)
 
     def _pending_prefill_ms(self) -> float:
         """Prefills due before the next step: waiting requests that will get a free slot."""
-        running = sum(1 for p in self._plans.values() if p.started and not p.gone)
-        free = max(self.config.max_slots - running, 0)
-        waiting = [p for p in self._plans.values() if not p.started][:free]
+        free = max(self.config.max_slots - self._tracked.running_count, 0)
+        waiting = self._tracked.waiting()[:free]
         return sum(self.latency.prefill_ms(p.exit_layer, p.prompt_tokens) for p in waiting)
 
     def _decode_steps(self, max_new_tokens: int) -> int:
@@ -181,12 +182,11 @@ class DepthScheduler:
         Slots are simulated: running requests free theirs after their remaining steps, waiting
         requests take free slots in arrival order (their prefills run before the newcomer's).
         """
-        running = [p for p in self._plans.values() if p.started and not p.gone]
-        waiting = [p for p in self._plans.values() if not p.started]
+        running, waiting = self._tracked.running(), self._tracked.waiting()
         slots = self.config.max_slots
         co_plans = (running + waiting)[: max(slots - 1, 0)]
         pace = self.latency.token_ms([p.exit_layer for p in co_plans])
-        free_at = [(p.max_new_tokens - p.generated) * pace for p in running][:slots]
+        free_at = [(p.max_new_tokens - self._tracked.generated(p)) * pace for p in running][:slots]
         free_at += [0.0] * (slots - len(free_at))
         heapq.heapify(free_at)
         prefills = 0.0
@@ -216,7 +216,7 @@ class DepthScheduler:
         """Forget a request; learn from its prefill (ttft − queue), from how long it took against
         the prediction (when it made all its tokens) and from its budget outcome."""
         with self._lock:
-            plan = self._plans.pop(request_id, None)
+            plan = self._tracked.pop(request_id)
             if plan is None:
                 return
             if queue_ms is not None and ttft_ms is not None:
@@ -254,21 +254,16 @@ class DepthScheduler:
         """Learn from the step, then lower exits if the batch is too slow for someone's budget."""
         with self._lock:
             self.steps_seen += 1
-            rows = {row.request_id: row for row in report.rows}
-            for plan in self._plans.values():
-                row = rows.get(plan.request_id)
-                if row is not None:
-                    plan.started = True
-                    plan.generated = row.generated
-                    plan.exit_layer = min(plan.exit_layer, row.exit_layer)
-                elif plan.started:
-                    plan.gone = True
+            self._tracked.observe(report)
             self.latency.learn_step(report)
             return self._recheck(report.now)
 
     def _recheck(self, now: float) -> dict[str, int]:
-        running = [p for p in self._plans.values() if p.started and not p.gone]
-        budgeted = [p for p in running if p.lowerable and p.max_new_tokens > p.generated]
+        running = self._tracked.running()
+        generated = {p.request_id: self._tracked.generated(p) for p in running}
+        budgeted = [
+            p for p in running if p.lowerable and p.max_new_tokens > generated[p.request_id]
+        ]
         if not budgeted:
             return {}
         exits = {p.request_id: p.exit_layer for p in running}
@@ -276,21 +271,25 @@ class DepthScheduler:
         stall = self._pending_prefill_ms()
         pace = self.latency.token_ms(list(exits.values()))
         headroom, recheck = self._headroom, self._recheck_fraction
-        if pace <= min(p.allowed_pace(now, recheck, stall) for p in budgeted):
+
+        def allowed(p: Plan, fraction: float, stall_ms: float = 0.0) -> float:
+            return p.allowed_pace(now, generated[p.request_id], fraction, stall_ms)
+
+        if pace <= min(allowed(p, recheck, stall) for p in budgeted):
             return {}  # everyone is on track
         # The fastest this batch can go, in the best case: every budgeted row at the shallowest
         # exit, and no newcomer's prefill in the way. Slower than that is late whatever happens.
         floor = self.latency.token_ms(
             [shallowest if p.lowerable else p.exit_layer for p in running], stalls=False
         )
-        savable = [p for p in budgeted if p.allowed_pace(now, 1.0) >= floor]
+        savable = [p for p in budgeted if allowed(p, 1.0) >= floor]
         for p in budgeted:
             if p not in savable:  # as fast as possible, and out of the others' way
                 exits[p.request_id] = shallowest
                 if not p.abandoned:
                     p.abandoned = True
                     self.abandoned += 1
-        target = min((p.allowed_pace(now, headroom, stall) for p in savable), default=math.inf)
+        target = min((allowed(p, headroom, stall) for p in savable), default=math.inf)
         lowerable = [p for p in budgeted if p in savable]
         while lowerable and self.latency.token_ms(list(exits.values())) > target:
             top = max(exits[p.request_id] for p in lowerable)
@@ -314,7 +313,7 @@ class DepthScheduler:
         with self._lock:
             return {
                 **self.latency.snapshot(),
-                "tracked_requests": len(self._plans),
+                "tracked_requests": len(self._tracked),
                 "steps_seen": self.steps_seen,
                 "lowered_exits": self.lowered,
                 "abandoned_requests": self.abandoned,
@@ -325,4 +324,5 @@ class DepthScheduler:
 
     def exits_of(self, request_ids: Sequence[str]) -> Mapping[str, int]:
         with self._lock:
-            return {rid: self._plans[rid].exit_layer for rid in request_ids if rid in self._plans}
+            plans = self._tracked.plans
+            return {rid: plans[rid].exit_layer for rid in request_ids if rid in plans}

@@ -29,13 +29,14 @@ class RowLike(Protocol):
 
 
 class StepReportLike(Protocol):
-    """What the engine's ``StepReport`` looks like (see app/engine/types.py)."""
+    """What the engine's ``StepReport`` looks like (see app/engine/types.py): the exits of every
+    row in the step, the rows still running after it and those that left since the last one."""
 
     now: float
     step_seconds: float
-    batch_size: int
-    deepest_exit: int
+    exits: Sequence[int]
     rows: Sequence[RowLike]
+    finished: Sequence[RowLike]
 
 
 @dataclass
@@ -99,16 +100,15 @@ class StepLatencyModel:
         return min(max(ratio, self.min_scale), self.max_scale)
 
     def learn_step(self, report: StepReportLike) -> None:
-        # Rows that finished in this step are gone from report.rows; they count as deepest.
-        exits = [r.exit_layer for r in report.rows]
-        exits += [report.deepest_exit] * max(report.batch_size - len(exits), 0)
+        exits = list(report.exits)
         predicted = self.profile.step_ms(exits)
         if predicted > 0 and report.step_seconds > 0:
             ratio = self._clamp(report.step_seconds * 1000 / predicted)
             self._scale.add(ratio, self.alpha)
             key = (max(exits), len(exits))
             self._cells.setdefault(key, _Ewma(self._scale.value)).add(ratio, self.alpha)
-        ids = frozenset(r.request_id for r in report.rows)
+        # rows in this step, or prefilled since the last one (those that finished at once too)
+        ids = frozenset(r.request_id for r in (*report.rows, *report.finished))
         if self._last is not None and ids & self._last[1]:
             outside_ms = max((report.now - self._last[0] - report.step_seconds) * 1000, 0.0)
             if ids - self._last[1]:  # someone joined: a prefill ran between the steps
@@ -116,7 +116,7 @@ class StepLatencyModel:
             else:
                 self._gap.add(outside_ms, self.alpha)
                 self._stall.add(0.0, self.stall_alpha)
-        self._last = (report.now, ids)
+        self._last = (report.now, frozenset(r.request_id for r in report.rows))
 
     def learn_prefill(self, exit_layer: int, prompt_tokens: int, measured_ms: float) -> None:
         predicted = self.profile.prefill_ms(exit_layer, prompt_tokens)

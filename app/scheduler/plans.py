@@ -37,17 +37,17 @@ class Plan:
     budget_ms: float | None
     exit_layer: int  # current exit
     lowerable: bool  # only budgeted requests are ever lowered
-    started: bool = False  # seen in a step report
-    gone: bool = False  # left the batch (finished in the engine; finish() comes soon)
     abandoned: bool = False  # judged unable to meet its budget: no longer holds others back
     feasible: bool = True  # the prediction at arrival fitted the budget
     raw_predicted_ms: float = 0.0  # the model's prediction at arrival, before calibration
-    generated: int = 0
 
-    def allowed_pace(self, now: float, fraction: float, stall_ms: float = 0.0) -> float:
-        """Largest ms per token that still lands within ``budget × fraction`` (inf: no budget),
-        after a ``stall_ms`` pause of the batch (prefills of newcomers run between steps)."""
-        remaining = self.max_new_tokens - self.generated
+    def allowed_pace(
+        self, now: float, generated: int, fraction: float, stall_ms: float = 0.0
+    ) -> float:
+        """Largest ms per token that still lands within ``budget × fraction`` (inf: no budget)
+        with ``generated`` tokens made, after a ``stall_ms`` pause of the batch (prefills of
+        newcomers run between steps)."""
+        remaining = self.max_new_tokens - generated
         if self.budget_ms is None or remaining <= 0:
             return math.inf
         return (self.budget_ms * fraction - (now - self.arrival) * 1000 - stall_ms) / remaining

@@ -2,22 +2,21 @@
 
 from __future__ import annotations
 
-import logging
 import time
-from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 
 from app.api.deps import ServiceDep
-from app.api.errors import ApiError, error_body, error_response, error_responses
-from app.api.generation import GenerationParams, GenerationService, Job
+from app.api.errors import ApiError, error_body, error_responses
+from app.api.generation import GenerationService, Job
 from app.api.middleware import ARRIVAL_KEY
+from app.api.respond import SseEvent, respond
 from app.api.schemas import GenerateRequest, GenerateResponse, TokenEventOut
-from app.api.sse import SSE_MEDIA_TYPE, JobEventSource, sse_event, wants_event_stream
-from app.engine.types import FinalEvent
-
-logger = logging.getLogger(__name__)
+from app.api.sse import SSE_MEDIA_TYPE, sse_event, wants_event_stream
+from app.engine.types import FinalEvent, TokenEvent
 
 router = APIRouter(tags=["generate"])
 
@@ -53,41 +52,53 @@ async def generate(body: GenerateRequest, request: Request, service: ServiceDep)
     ``stream`` (or ``Accept: text/event-stream``) the answer is a stream of ``token`` events and
     one final ``done`` event holding the JSON response."""
     arrival = request.scope.get(ARRIVAL_KEY, time.perf_counter())
-    service.check_capacity()
-    service.check_prompt_chars(body.prompt)
-    max_new_tokens = service.resolve_max_new_tokens(body.max_new_tokens)
-    service.check_exit_layer(body.exit_layer, body.budget_ms)
-    prompt_ids = await service.tokenize(body.prompt)
-    service.check_context(len(prompt_ids), max_new_tokens)
-    job = service.admit(GenerationParams.from_body(body, prompt_ids, max_new_tokens, arrival))
-    if body.stream or wants_event_stream(request):
-        return JobEventSource(_events(service, job), lambda: service.release(job))
-    final = await service.run(job, request.receive)
-    if final is None:  # the client left; nobody reads this
-        return error_response(503, "unavailable", "the client disconnected")
-    if final.finish_reason == "error":
-        raise service.error_from_final(final)
-    return JSONResponse(service.response(job, final))
+    job = await service.prepare(body, arrival, text=body.prompt, max_new_tokens=body.max_new_tokens)
+    stream = body.stream or wants_event_stream(request)
+    return await respond(service, job, request, NativeShape(service, job), stream)
 
 
-async def _events(service: GenerationService, job: Job) -> AsyncIterator[dict[str, str]]:
-    try:
-        async for event in service.events(job):
-            if not isinstance(event, FinalEvent):
-                token = TokenEventOut(
-                    index=event.index,
-                    text=event.text,
-                    token_id=event.token_id,
-                    exit_layer=event.exit_layer,
-                )
-                yield sse_event("token", token.model_dump())
-            elif event.finish_reason == "error":
-                err = service.error_from_final(event)
-                yield sse_event("error", error_body(err.error_type, err.message))
-            else:
-                yield sse_event("done", service.response(job, event))
-    except ApiError as exc:
-        yield sse_event("error", error_body(exc.error_type, exc.message))
-    except Exception as exc:  # the stream is open: the failure must travel inside it
-        logger.exception("stream %s failed", job.request_id)
-        yield sse_event("error", error_body("internal", f"generation failed: {exc}"))
+@dataclass
+class NativeShape:
+    """SPEC §3's payloads: the response object, ``token`` / ``done`` / ``error`` events."""
+
+    service: GenerationService
+    job: Job
+
+    def whole(self, final: FinalEvent) -> dict[str, Any]:
+        """The SPEC §3 response object (also the payload of the SSE ``done`` event)."""
+        return {
+            "id": self.job.request_id,
+            "text": final.text,
+            "finish_reason": final.finish_reason,
+            "exit_layer": final.exit_layer,
+            "num_layers": self.service.engine.info.num_layers,
+            "usage": {
+                "prompt_tokens": final.prompt_tokens,
+                "completion_tokens": final.completion_tokens,
+            },
+            "budget": self.service.budget_report(self.job, final),
+            "timings": {
+                "queue_ms": round(final.queue_ms, 3),
+                "ttft_ms": round(final.ttft_ms, 3),
+                "total_ms": round(final.total_ms, 3),
+                "ms_per_token": round(final.ms_per_token, 3),
+            },
+        }
+
+    def opening(self) -> list[SseEvent]:
+        return []
+
+    def token(self, event: TokenEvent) -> SseEvent:
+        out = TokenEventOut(
+            index=event.index, text=event.text, token_id=event.token_id, exit_layer=event.exit_layer
+        )
+        return sse_event("token", out.model_dump())
+
+    def done(self, final: FinalEvent) -> list[SseEvent]:
+        return [sse_event("done", self.whole(final))]
+
+    def error(self, err: ApiError) -> SseEvent:
+        return sse_event("error", error_body(err.error_type, err.message))
+
+    def closing(self) -> list[SseEvent]:
+        return []

@@ -9,6 +9,7 @@ from fastapi.responses import JSONResponse, Response
 
 from app.api.deps import StateDep
 from app.api.errors import error_response, error_responses
+from app.api.limits import context_length
 from app.api.metrics import CONTENT_TYPE
 
 router = APIRouter(tags=["operations"])
@@ -63,7 +64,7 @@ async def info(state: StateDep) -> Any:
         "limits": {
             "max_batch_size": stats.max_slots,
             "max_queue": settings.max_queue,
-            "max_seq_len": min(model.max_seq_len, settings.max_seq_len or model.max_seq_len),
+            "max_seq_len": context_length(state),
             "max_prompt_chars": settings.max_prompt_chars,
             "max_new_tokens": settings.max_new_tokens_limit,
             "default_max_new_tokens": settings.default_max_new_tokens,

@@ -1,0 +1,211 @@
+"""The batch: which requests wait, which run in which cache row, and what leaves when.
+
+Pure Python (no torch), owned by the engine's worker thread and unit-tested on its own. It keeps
+the running requests in rows ``0..n-1`` ordered by exit, deepest first (see
+:mod:`app.engine.kv_cache` for why), plans the row moves that keep that order, turns each chosen
+token into its events and finishes requests. Events are collected per event loop in ``outbox``;
+the worker loop hands them to the relay.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from app.engine.request_state import RequestState, RowSampling
+from app.engine.types import Event, FinishReason, RowState, StepReport
+
+logger = logging.getLogger(__name__)
+
+Outbox = dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, Event]]]
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Row moves ``(src, dst, exit)`` copying positions ``< copy_len``; then rows ``0..n-1``
+    hold requests at these positions and exits (non-increasing)."""
+
+    moves: list[tuple[int, int, int]]
+    copy_len: int
+    positions: list[int]
+    exits: list[int]
+
+
+@dataclass(frozen=True)
+class StepInputs:
+    tokens: list[int]  # each row's newest token
+    kv_len: int  # positions any row attends to
+    sampled: list[tuple[int, RowSampling]]  # non-greedy rows
+
+
+class Batch:
+    def __init__(
+        self,
+        max_slots: int,
+        max_seq_len: int,
+        eos: frozenset[int],
+        on_done: Callable[[str], None] = lambda _: None,
+    ) -> None:
+        self.max_slots = max_slots
+        self.max_seq_len = max_seq_len
+        self.eos = eos
+        self._on_done = on_done  # told when a request has sent its final event
+        self.requests: dict[str, RequestState] = {}
+        self.waiting: deque[RequestState] = deque()
+        self.running: list[RequestState] = []  # in row order once laid out
+        self.left: list[RowState] = []  # rows that left since the last report
+        self.outbox: Outbox = {}
+        self._dirty = False
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.running or self.waiting)
+
+    def add(self, state: RequestState) -> None:
+        self.requests[state.request_id] = state
+        self.waiting.append(state)
+
+    def cancel(self, request_id: str) -> None:
+        state = self.requests.get(request_id)
+        if state is not None:
+            self.finish(state, "cancelled")
+
+    # -- admission --------------------------------------------------------------------------------
+    def next_admission(self) -> RequestState | None:
+        """The next waiting request, given a free row, if there is one."""
+        if not self.waiting or len(self.running) >= self.max_slots:
+            return None
+        state = self.waiting.popleft()
+        used = {s.row for s in self.running}
+        state.row = next(r for r in range(self.max_slots) if r not in used)
+        state.prefill_start = time.perf_counter()
+        return state
+
+    def joined(self, state: RequestState, token: int, now: float) -> None:
+        """``state``'s prefill chose ``token``: it runs from the next step unless already done."""
+        self.running.append(state)
+        self._dirty = True
+        self.accept(state, token, now)
+
+    # -- layout and steps -------------------------------------------------------------------------
+    def lower(self, state: RequestState, exit_layer: object) -> None:
+        if not isinstance(exit_layer, int) or not 1 <= exit_layer < state.exit_layer:
+            logger.debug("ignored lowering %s to %r", state.request_id, exit_layer)
+            return
+        state.lower_exit(exit_layer)
+        if state.row >= 0:
+            self._dirty = True
+
+    def layout(self) -> Layout | None:
+        """The new row layout if membership or exits changed since the last one, else None."""
+        if not self._dirty:
+            return None
+        self._dirty = False
+        running = self.running
+        current = [s.row for s in running]
+        exits = [s.exit_layer for s in running]
+        rows = plan_rows(current, exits)
+        moved = [i for i, (c, n) in enumerate(zip(current, rows, strict=True)) if c != n]
+        moves = [(current[i], rows[i], exits[i]) for i in moved]
+        copy_len = max((running[i].position for i in moved), default=0)
+        for state, row in zip(running, rows, strict=True):
+            state.row = row
+        running.sort(key=lambda s: s.row)
+        return Layout(
+            moves, copy_len, [s.position for s in running], [s.exit_layer for s in running]
+        )
+
+    def step_inputs(self) -> StepInputs:
+        running = self.running
+        sampled = []
+        for i, state in enumerate(running):
+            params = state.next_sampling()
+            if params is not None:
+                sampled.append((i, params))
+        return StepInputs(
+            [s.generated[-1] for s in running], max(s.position for s in running) + 1, sampled
+        )
+
+    def stepped(self, tokens: Sequence[int], now: float, seconds: float) -> StepReport:
+        """Post-process one decode step's tokens (row order); the step's report."""
+        stepped = list(self.running)
+        exits = tuple(s.exit_layer for s in stepped)
+        for state, token in zip(stepped, tokens, strict=True):
+            try:
+                self.accept(state, token, now)
+            except Exception as exc:
+                logger.exception("post-processing failed for %s", state.request_id)
+                self.finish(state, "error", error=f"post-processing failed: {exc}")
+        left, self.left = self.left, []
+        return StepReport(
+            now=now,
+            step_seconds=seconds,
+            exits=exits,
+            rows=tuple(s.row_state() for s in self.running),
+            finished=tuple(left),
+            waiting=len(self.waiting),
+        )
+
+    # -- tokens and endings -----------------------------------------------------------------------
+    def accept(self, state: RequestState, token: int, now: float) -> None:
+        event, reason = state.accept(token, now, self.eos, self.max_seq_len)
+        self._emit(state, event)
+        if reason is not None:
+            self.finish(state, reason)
+
+    def finish(self, state: RequestState, reason: FinishReason, error: str | None = None) -> None:
+        if state.finish_reason is not None:
+            return
+        self._emit(state, state.final_event(reason, time.perf_counter(), error))
+        self.requests.pop(state.request_id, None)
+        if state in self.running:
+            self.left.append(state.row_state())
+            self.running.remove(state)
+            self._dirty = True
+        elif state in self.waiting:
+            self.waiting.remove(state)
+        state.row = -1
+        self._on_done(state.request_id)
+
+    def finish_all(self, reason: FinishReason, error: str | None = None) -> None:
+        for state in [*self.running, *self.waiting]:
+            self.finish(state, reason, error)
+
+    def _emit(self, state: RequestState, event: Event) -> None:
+        if state.loop is not None and state.queue is not None:
+            self.outbox.setdefault(state.loop, []).append((state.queue, event))
+
+    def take_events(self) -> Outbox:
+        outbox, self.outbox = self.outbox, {}
+        return outbox
+
+
+def plan_rows(current: Sequence[int], exits: Sequence[int]) -> list[int]:
+    """New rows for requests now in rows ``current`` with ``exits``: grouped by exit, deepest first.
+
+    The result fills rows ``0..n-1``; a request keeps its row when the row already lies inside its
+    exit group's range, so a join, a leave or a lowered exit moves at most one row per exit group.
+    """
+    n = len(current)
+    order = sorted(range(n), key=lambda i: -exits[i])
+    ranges: dict[int, tuple[int, int]] = {}
+    for rank, i in enumerate(order):
+        start, _ = ranges.get(exits[i], (rank, rank))
+        ranges[exits[i]] = (start, rank + 1)
+    new = [-1] * n
+    taken: set[int] = set()
+    for i in range(n):
+        start, end = ranges[exits[i]]
+        if start <= current[i] < end:
+            new[i] = current[i]
+            taken.add(current[i])
+    for exit_layer, (start, end) in ranges.items():
+        free = iter(r for r in range(start, end) if r not in taken)
+        for i in range(n):
+            if exits[i] == exit_layer and new[i] < 0:
+                new[i] = next(free)
+    return new

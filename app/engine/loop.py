@@ -1,0 +1,120 @@
+"""The worker loop: one continuously batched decode loop in a thread of its own.
+
+Each iteration reads: apply commands (arrivals, cancels) → admit (prefill waiting requests into
+free rows) → step (one decode step for every running row; the step hook may lower exits) → post
+events. The batch (:mod:`app.engine.batch`) does the bookkeeping, the runner
+(:mod:`app.engine.runner`) is the only torch code, and the relay (:mod:`app.engine.relay`) hands
+events to the asyncio side without ever blocking this thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from app.engine.batch import Batch
+from app.engine.mailbox import Mail, Mailbox
+from app.engine.relay import EventRelay
+from app.engine.runner import ModelRunner
+from app.engine.types import StepHook, StepReport
+
+logger = logging.getLogger(__name__)
+
+
+class EngineLoop:
+    def __init__(
+        self, runner: ModelRunner, batch: Batch, mailbox: Mailbox, step_hook: StepHook | None
+    ) -> None:
+        self.runner = runner
+        self.batch = batch
+        self.mailbox = mailbox
+        self.step_hook = step_hook
+        self.relay: EventRelay | None = None
+
+    def run(self) -> None:
+        """The thread's body: iterate until told to stop, then cancel what is left."""
+        with self.runner.inference():
+            while True:
+                mail = self.mailbox.take(busy=self.batch.busy)
+                if mail.stopping:
+                    self.stop(mail)
+                    return
+                try:
+                    self.iterate(mail)
+                except Exception as exc:  # a bug in the loop itself: fail the work, keep serving
+                    logger.exception("engine loop iteration failed")
+                    self.batch.finish_all("error", error=f"engine failure: {exc}")
+                self.post()
+
+    def iterate(self, mail: Mail) -> None:
+        self.apply(mail)
+        self.admit()
+        if self.batch.running:
+            self.step()
+
+    def apply(self, mail: Mail) -> None:
+        for state in mail.arrivals:
+            self.batch.add(state)
+        for request_id in mail.cancels:
+            self.batch.cancel(request_id)
+
+    def admit(self) -> None:
+        """Prefill waiting requests into free rows; each sends its first token at once."""
+        while (state := self.batch.next_admission()) is not None:
+            try:
+                token = self.runner.prefill(
+                    state.row, state.request.prompt_ids, state.exit_layer, state.next_sampling()
+                )
+            except Exception as exc:
+                logger.exception("prefill failed for %s", state.request_id)
+                self.batch.finish(state, "error", error=f"prefill failed: {exc}")
+                continue
+            self.batch.joined(state, token, time.perf_counter())
+            self.post()
+
+    def step(self) -> None:
+        batch = self.batch
+        start = time.perf_counter()
+        try:
+            layout = batch.layout()
+            if layout is not None:
+                self.runner.set_layout(
+                    layout.moves, layout.copy_len, layout.positions, layout.exits
+                )
+            inputs = batch.step_inputs()
+            tokens = self.runner.decode(inputs.tokens, inputs.kv_len, inputs.sampled)
+        except Exception as exc:
+            logger.exception("decode step failed; failing its %d requests", len(batch.running))
+            for state in list(batch.running):
+                batch.finish(state, "error", error=f"decode step failed: {exc}")
+            return
+        now = time.perf_counter()
+        report = batch.stepped(tokens, now, now - start)
+        if self.step_hook is not None:
+            self.report(report)
+
+    def report(self, report: StepReport) -> None:
+        try:
+            lowered = self.step_hook(report)  # type: ignore[misc]
+        except Exception:
+            logger.exception("step hook failed")
+            return
+        for request_id, exit_layer in (lowered or {}).items():
+            state = self.batch.requests.get(request_id)
+            if state is not None:
+                self.batch.lower(state, exit_layer)
+
+    def post(self) -> None:
+        """Hand this iteration's events to the relay (one batch per iteration)."""
+        outbox = self.batch.take_events()
+        if outbox:
+            if self.relay is None:  # events before start(): only cancellations at shutdown
+                self.relay = EventRelay()
+            self.relay.post(outbox)
+
+    def stop(self, mail: Mail) -> None:
+        """Cancel everything still waiting or running (also what arrived last)."""
+        for state in mail.arrivals:
+            self.batch.add(state)
+        self.batch.finish_all("cancelled")
+        self.post()

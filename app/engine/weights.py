@@ -1,0 +1,124 @@
+"""Weight preparation: a checkpoint's Hugging Face tensors → the engine's fused, folded layers.
+
+Load-time rewrites that keep the maths of the reference: q/k/v are fused into one projection and
+gate/up into another; each RMSNorm's weight (times ``sqrt(hidden)``, see ``Transformer._norm``) is
+folded into the columns of the projection that reads it, the final norm into the head; q and k
+rows are permuted per head so that rotary embedding is one complex multiply (see
+:mod:`app.engine.rope`). The input contract is ``app.engine.loader.Checkpoint``'s ``hf_config``
+and ``tensors``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from app.engine.linear import Linear, packed_linear_available
+from app.engine.model import Layer, ModelArgs, Transformer
+from app.engine.rope import interleave_permutation, rope_table
+from app.model_store import ModelStoreError
+
+MAX_PACKED_BYTES = 2**30  # keep oneDNN-packed weight copies up to this model size
+
+MakeLinear = Callable[[torch.Tensor, torch.Tensor | None], Linear]
+
+
+class _Tensors:
+    """Checkpoint tensors by name, shape-checked, in float32 for the load-time rewrites."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.tensors = tensors
+
+    def get(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+        tensor = self.tensors.get(name)
+        if tensor is None:
+            raise ModelStoreError(f"the checkpoint has no tensor {name!r}")
+        if tuple(tensor.shape) != shape:
+            raise ModelStoreError(
+                f"tensor {name!r} has shape {tuple(tensor.shape)}, the config implies {shape}"
+            )
+        return tensor.float()
+
+    def optional(self, name: str, shape: tuple[int, ...]) -> torch.Tensor | None:
+        return self.get(name, shape) if name in self.tensors else None
+
+    def fused(
+        self, names: Sequence[str], shapes: Sequence[tuple[int, ...]]
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``name.weight`` tensors stacked by rows, and their biases (zeros where one is absent;
+        None when all are)."""
+        weight = torch.cat([self.get(n + ".weight", s) for n, s in zip(names, shapes, strict=True)])
+        biases = [self.optional(n + ".bias", s[:1]) for n, s in zip(names, shapes, strict=True)]
+        if all(b is None for b in biases):
+            return weight, None
+        parts = [
+            b if b is not None else torch.zeros(s[0]) for b, s in zip(biases, shapes, strict=True)
+        ]
+        return weight, torch.cat(parts)
+
+
+def build_model(
+    hf_config: Any,
+    tensors: dict[str, torch.Tensor],
+    max_seq_len: int,
+    device: str,
+    dtype: torch.dtype,
+    packed_linear: bool = True,
+) -> Transformer:
+    a = ModelArgs.from_hf(hf_config)
+    t = _Tensors(tensors)
+    weight_bytes = sum(v.numel() for v in tensors.values()) * torch.finfo(dtype).bits // 8
+    # Packed copies double the weights' memory: worth it for the small models served on CPU.
+    pack = (
+        packed_linear
+        and weight_bytes <= MAX_PACKED_BYTES
+        and packed_linear_available(torch.device(device), dtype)
+    )
+
+    def linear(weight: torch.Tensor, bias: torch.Tensor | None = None) -> Linear:
+        cast = bias.to(device, dtype) if bias is not None else None
+        return Linear(weight.to(device, dtype), cast, pack)
+
+    layers = [_layer(t, a, f"model.layers.{i}.", linear) for i in range(a.num_layers)]
+    hd = a.hidden_size
+    embed = t.get("model.embed_tokens.weight", (a.vocab_size, hd))
+    if getattr(hf_config, "tie_word_embeddings", False):
+        head = embed
+    else:
+        head = t.get("lm_head.weight", (a.vocab_size, hd))
+    head = linear(head * (t.get("model.norm.weight", (hd,)) * hd**0.5))
+    rope = rope_table(hf_config, max_seq_len, device)
+    return Transformer(a, embed.to(device, dtype).contiguous(), layers, head, rope)
+
+
+def _layer(t: _Tensors, a: ModelArgs, prefix: str, linear: MakeLinear) -> Layer:
+    hd, inter = a.hidden_size, a.intermediate_size
+    q_dim, kv_dim = a.num_heads * a.head_dim, a.num_kv_heads * a.head_dim
+    att, mlp = prefix + "self_attn.", prefix + "mlp."
+    in_norm = t.get(prefix + "input_layernorm.weight", (hd,)) * hd**0.5
+    post_norm = t.get(prefix + "post_attention_layernorm.weight", (hd,)) * hd**0.5
+    qkv, qkv_bias = t.fused(
+        [att + "q_proj", att + "k_proj", att + "v_proj"],
+        [(q_dim, hd), (kv_dim, hd), (kv_dim, hd)],
+    )
+    rows = _rotary_rows(a)
+    gate_up, gate_up_bias = t.fused([mlp + "gate_proj", mlp + "up_proj"], [(inter, hd)] * 2)
+    return Layer(
+        qkv=linear((qkv * in_norm)[rows], qkv_bias[rows] if qkv_bias is not None else None),
+        o=linear(t.get(att + "o_proj.weight", (hd, q_dim)), t.optional(att + "o_proj.bias", (hd,))),
+        gate_up=linear(gate_up * post_norm, gate_up_bias),
+        down=linear(
+            t.get(mlp + "down_proj.weight", (hd, inter)), t.optional(mlp + "down_proj.bias", (hd,))
+        ),
+    )
+
+
+def _rotary_rows(a: ModelArgs) -> torch.Tensor:
+    """Row order of the fused qkv projection: q and k rows interleaved per head, v unchanged."""
+    q_dim, kv_dim = a.num_heads * a.head_dim, a.num_kv_heads * a.head_dim
+    perm = interleave_permutation(a.head_dim)
+    q_rows = (torch.arange(a.num_heads)[:, None] * a.head_dim + perm).flatten()
+    k_rows = (torch.arange(a.num_kv_heads)[:, None] * a.head_dim + perm).flatten()
+    return torch.cat([q_rows, q_dim + k_rows, q_dim + kv_dim + torch.arange(kv_dim)])
