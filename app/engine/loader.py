@@ -42,8 +42,30 @@ class Checkpoint:
     max_context: int  # the longest context the reference forward computes identically
 
 
-def load_checkpoint(folder: str | Path) -> Checkpoint:
-    folder = Path(folder)
+def load_checkpoint(model: str | Path, cache_dir: Path | None = None) -> Checkpoint:
+    """Load ``model``: an HF folder, a GGUF file (or a folder holding one), an adapter folder
+    (merged once into its base), or ``pkg:<distribution>/<file>``. GGUF weights are dequantized
+    (cached under ``cache_dir``, see :mod:`app.base_model`)."""
+    from app.base_model import hf_folder
+    from app.base_ref import is_adapter, resolve
+
+    path = resolve(model)
+    if is_adapter(path):
+        from app.engine.adapter import load_adapter_checkpoint
+
+        return load_adapter_checkpoint(path, cache_dir)
+    folder = hf_folder(path, cache_dir)
+    ckpt = _load_folder(folder)
+    if folder != path:
+        # a GGUF model: its own sorted.json (if a folder holds one) is the only metadata
+        ckpt.folder = path
+        meta_dir = path if path.is_dir() else path.parent
+        if (meta_dir / "sorted.json").is_file():
+            ckpt.meta = read_sorted_meta(meta_dir, num_layers=ckpt.meta.num_layers)
+    return ckpt
+
+
+def _load_folder(folder: Path) -> Checkpoint:
     raw = read_config(folder)
     model_type = check_architecture(raw)
     hf_config = _hf_config(folder)
@@ -59,6 +81,31 @@ def load_checkpoint(folder: str | Path) -> Checkpoint:
         tensors=read_weights(folder),
         tokenizer=_tokenizer(folder),
         eos_token_ids=_eos_ids(folder, raw),
+        max_context=_max_context(model_type, hf_config),
+    )
+
+
+def checkpoint_from_model(
+    folder: Path, model: Any, meta: SortedMeta, tokenizer_folder: Path, base_folder: Path
+) -> Checkpoint:
+    """A checkpoint from an HF model in memory (a merged adapter): its tensors and config, the
+    tokenizer of ``tokenizer_folder``, EOS ids of the config and of either folder."""
+    hf_config = model.config
+    raw = hf_config.to_dict()
+    model_type = check_architecture(raw)
+    check_rope(hf_config)
+    tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    if getattr(hf_config, "tie_word_embeddings", False):
+        tensors.pop("lm_head.weight", None)
+    eos = set(_eos_ids(tokenizer_folder, raw)) | set(_eos_ids(base_folder, raw))
+    return Checkpoint(
+        folder=folder,
+        model_type=model_type,
+        hf_config=hf_config,
+        meta=meta,
+        tensors=tensors,
+        tokenizer=_tokenizer(tokenizer_folder),
+        eos_token_ids=tuple(sorted(eos)),
         max_context=_max_context(model_type, hf_config),
     )
 

@@ -93,11 +93,26 @@ class Example:
     labels: list[int]
 
 
-def encode_record(tokenizer: Any, record: Record, max_len: int) -> Example | None:
+def chat_prompt(tokenizer: Any, record: Record) -> str:
+    """The record as one user turn in the tokenizer's own chat template, ready for the answer."""
+    content = record.instruction
+    if record.input.strip():
+        content = f"{content}\n\n{record.input}"
+    messages = [{"role": "user", "content": content}]
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def encode_record(
+    tokenizer: Any, record: Record, max_len: int, chat: bool = False
+) -> Example | None:
     """Tokenise prompt + response + EOS; only response tokens (and EOS) carry labels.
 
-    Returns None when the prompt alone does not leave room for a response token."""
-    prompt_ids = tokenizer(record.prompt).input_ids
+    ``chat``: the prompt is the tokenizer's chat template (as ``/v1/chat/completions`` renders
+    it), else the Alpaca prompt. Returns None when the prompt leaves no room for a response."""
+    if chat:
+        prompt_ids = tokenizer(chat_prompt(tokenizer, record), add_special_tokens=False).input_ids
+    else:
+        prompt_ids = tokenizer(record.prompt).input_ids
     response_ids = tokenizer(record.output, add_special_tokens=False).input_ids
     response_ids = [*response_ids, tokenizer.eos_token_id]
     if len(prompt_ids) >= max_len:
@@ -107,10 +122,12 @@ def encode_record(tokenizer: Any, record: Record, max_len: int) -> Example | Non
     return Example(ids, labels)
 
 
-def encode_records(tokenizer: Any, records: Iterable[Record], max_len: int) -> list[Example]:
+def encode_records(
+    tokenizer: Any, records: Iterable[Record], max_len: int, chat: bool = False
+) -> list[Example]:
     out, skipped = [], 0
     for r in records:
-        ex = encode_record(tokenizer, r, max_len)
+        ex = encode_record(tokenizer, r, max_len, chat)
         if ex is None:
             skipped += 1
         else:

@@ -12,6 +12,7 @@ positions that carry a label are projected at all.
 from __future__ import annotations
 
 import logging
+import random
 from collections.abc import Sequence
 from typing import Any
 
@@ -52,15 +53,28 @@ def parse_exits(spec: str | None, every: int | None, num_layers: int) -> list[in
 
 
 def _decoder(model: Any) -> Any:
-    return model.model  # LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM
+    # LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, or a PEFT model wrapping one
+    return model.get_decoder()
 
 
 def _exit_loss_sum(
-    h: torch.Tensor, target: torch.Tensor, norm: Any, head: Any, apply_norm: bool
+    h: torch.Tensor,
+    target: torch.Tensor,
+    norm: Any,
+    head: Any,
+    apply_norm: bool,
+    teacher: torch.Tensor | None = None,
+    distill: float = 0.0,
 ) -> torch.Tensor:
     x = norm(h) if apply_norm else h
     logits = head(x).float()
-    return F.cross_entropy(logits, target, reduction="sum")
+    total = F.cross_entropy(logits, target, reduction="sum")
+    if teacher is not None and distill > 0:
+        # KL(teacher || exit), summed over positions; teacher holds log-probabilities
+        logp = F.log_softmax(logits, dim=-1)
+        kl = F.kl_div(logp, teacher, log_target=True, reduction="sum")
+        total = total + distill * kl
+    return total
 
 
 def exit_losses(
@@ -70,11 +84,15 @@ def exit_losses(
     exits: Sequence[int],
     attention_mask: torch.Tensor | None = None,
     forward_model: Any | None = None,
+    teacher: torch.Tensor | None = None,
+    distill: float = 0.0,
 ) -> dict[int, torch.Tensor]:
     """Mean next-token cross-entropy at each exit over the labelled positions.
 
     ``forward_model`` is the (possibly DDP-wrapped) model to call; ``model`` the unwrapped one
-    whose final norm and head are reused at every exit."""
+    whose final norm and head are reused at every exit. With ``teacher`` (log-probabilities at
+    the labelled positions, see :func:`teacher_logprobs`) each exit's loss adds ``distill`` times
+    its KL divergence from the teacher."""
     runner = forward_model if forward_model is not None else model
     out = runner(
         input_ids=input_ids,
@@ -96,24 +114,76 @@ def exit_losses(
         apply_norm = k != num_layers
         if torch.is_grad_enabled():
             total = checkpoint(
-                _exit_loss_sum, h, target, norm, head, apply_norm, use_reentrant=False
+                _exit_loss_sum,
+                h,
+                target,
+                norm,
+                head,
+                apply_norm,
+                teacher,
+                distill,
+                use_reentrant=False,
             )
         else:
-            total = _exit_loss_sum(h, target, norm, head, apply_norm)
+            total = _exit_loss_sum(h, target, norm, head, apply_norm, teacher, distill)
         losses[k] = total / count
     return losses
 
 
-def sorted_loss(losses: dict[int, torch.Tensor]) -> torch.Tensor:
-    return torch.stack(list(losses.values())).mean()
+@torch.no_grad()
+def teacher_logprobs(
+    model: Any, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: Any
+) -> torch.Tensor:
+    """The frozen base's full-depth log-probabilities at the labelled positions (a PEFT model
+    with its adapter disabled)."""
+    with model.disable_adapter():
+        out = model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            output_hidden_states=True,
+            logits_to_keep=1,
+            use_cache=False,
+        )
+        keep = labels[:, 1:] != IGNORE_INDEX
+        h = out.hidden_states[-1][:, :-1][keep]  # HF has applied the final norm
+        return F.log_softmax(model.get_output_embeddings()(h).float(), dim=-1)
+
+
+def sample_exits(exits: Sequence[int], sample: int, seed: int, step: int) -> list[int]:
+    """The last exit and ``sample`` of the others, drawn afresh each step (all when 0)."""
+    *inner, last = sorted(exits)
+    if sample <= 0 or sample >= len(inner):
+        return [*inner, last]
+    rng = random.Random(seed * 1_000_003 + step)
+    return [*sorted(rng.sample(inner, sample)), last]
+
+
+def sorted_loss(losses: dict[int, torch.Tensor], num_exits: int | None = None) -> torch.Tensor:
+    """The mean over the exits. When ``losses`` holds the last exit and a uniform sample of the
+    other ``num_exits - 1``, the sample is scaled so that the expectation is that mean."""
+    values = list(losses.values())
+    if num_exits is None or len(values) == num_exits:
+        return torch.stack(values).mean()
+    *inner, last = (losses[k] for k in sorted(losses))
+    scale = (num_exits - 1) / max(1, len(inner))
+    return (last + scale * torch.stack(inner).sum()) / num_exits
 
 
 class SortedTrainer(Trainer):
     """``Trainer`` whose loss is the mean of the exits' losses (SoFT) or the last exit's (SFT)."""
 
-    def __init__(self, *args: Any, exits: Sequence[int], **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        exits: Sequence[int],
+        exit_sample: int = 0,
+        distill: float = 0.0,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(*args, **kwargs)
         self.exits = list(exits)
+        self.exit_sample = exit_sample
+        self.distill = distill
 
     def compute_loss(
         self,
@@ -123,15 +193,24 @@ class SortedTrainer(Trainer):
         num_items_in_batch: Any = None,
     ) -> Any:
         unwrapped = self.accelerator.unwrap_model(model)
+        teacher = None
+        if self.distill > 0 and model.training:
+            teacher = teacher_logprobs(
+                unwrapped, inputs["input_ids"], inputs["labels"], inputs.get("attention_mask")
+            )
+        step = self.state.global_step
+        exits = sample_exits(self.exits, self.exit_sample, self.args.seed, step)
         losses = exit_losses(
             unwrapped,
             inputs["input_ids"],
             inputs["labels"],
-            self.exits,
+            exits,
             attention_mask=inputs.get("attention_mask"),
             forward_model=model,
+            teacher=teacher,
+            distill=self.distill,
         )
-        loss = sorted_loss(losses)
+        loss = sorted_loss(losses, len(self.exits))
         if self.state.global_step % max(1, self.args.logging_steps) == 0 and model.training:
             self._last_exit_losses = {k: round(v.item(), 4) for k, v in losses.items()}
         return (loss, None) if return_outputs else loss

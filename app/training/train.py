@@ -38,6 +38,9 @@ class TrainOptions:
     seed: int = 42
     logging_steps: int = 10
     group_by_length: bool = True
+    exit_sample: int = 0  # 0: every exit each step; N: the last and N others drawn each step
+    distill: float = 0.0  # weight of KL(frozen base at full depth || exit), PEFT models only
+    save_steps: int = 0  # 0: no intermediate checkpoints; N: one every N steps in the work dir
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -56,9 +59,14 @@ def run_trainer(
     exits: Sequence[int],
     opts: TrainOptions,
     log_path: Path | None = None,
+    work_dir: Path | None = None,
+    resume: bool = False,
 ) -> list[dict[str, Any]]:
-    """Train ``model`` in place with the mean loss over ``exits``; returns the loss log."""
-    work = tempfile.mkdtemp(prefix="sortedserve-train-")
+    """Train ``model`` in place with the mean loss over ``exits``; returns the loss log.
+
+    With ``opts.save_steps`` the trainer state is saved to ``work_dir`` every N steps, and
+    ``resume`` continues from the last one there."""
+    work = str(work_dir) if work_dir is not None else tempfile.mkdtemp(prefix="sortedserve-train-")
     args = TrainingArguments(
         output_dir=work,
         num_train_epochs=opts.epochs,
@@ -70,7 +78,9 @@ def run_trainer(
         weight_decay=opts.weight_decay,
         lr_scheduler_type=opts.scheduler,
         logging_steps=opts.logging_steps,
-        save_strategy="no",
+        save_strategy="steps" if opts.save_steps else "no",
+        save_steps=opts.save_steps or 500,
+        save_total_limit=1,
         report_to=[],
         seed=opts.seed,
         data_seed=opts.seed,
@@ -88,14 +98,27 @@ def run_trainer(
         train_dataset=dataset,
         data_collator=partial(pad_batch, pad_id=tokenizer.pad_token_id),
         exits=exits,
+        exit_sample=opts.exit_sample,
+        distill=opts.distill,
     )
     t0 = time.perf_counter()
-    trainer.train()
+    trainer.train(resume_from_checkpoint=_last_checkpoint(work) if resume else None)
     history = list(trainer.state.log_history)
     logger.info("trained %d steps in %.0f s", trainer.state.global_step, time.perf_counter() - t0)
     if log_path is not None:
         log_path.write_text(json.dumps(history, indent=1) + "\n")
     return history
+
+
+def _last_checkpoint(work: str) -> str | None:
+    from transformers.trainer_utils import get_last_checkpoint
+
+    last = get_last_checkpoint(work) if Path(work).is_dir() else None
+    if last is None:
+        logger.warning("--resume: no checkpoint in %s yet; starting from step 0", work)
+    else:
+        logger.info("resuming from %s", last)
+    return last
 
 
 def save_checkpoint(
@@ -112,11 +135,18 @@ def save_checkpoint(
 ) -> SortedMeta:
     """Save weights (in ``dtype``), tokenizer and ``sorted.json`` with held-out loss per exit.
 
-    The held-out loss is measured on the weights as saved (cast back to float32)."""
+    A PEFT model is saved as its adapter (float32), then merged to be evaluated. The held-out
+    loss is measured on the weights as saved (cast back to float32)."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    if hasattr(model, "merge_and_unload"):
+        from app.training.lora import merged, save_adapter
+
+        save_adapter(model, out_dir)
+        model = merged(model)
+    else:
+        model = model.to(getattr(torch, dtype))
+        model.save_pretrained(out_dir)
     num_layers = model.config.num_hidden_layers
-    model = model.to(getattr(torch, dtype))
-    model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     eval_block: dict[str, Any] = {}
     if eval_examples:

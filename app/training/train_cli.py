@@ -1,17 +1,29 @@
-"""``python -m app train``: Sorted Fine-Tuning (or the SFT baseline) of an HF checkpoint."""
+"""``python -m app train``: Sorted Fine-Tuning (or the SFT baseline) of a checkpoint.
+
+The base is an HF folder, a GGUF file, or ``pkg:<distribution>/<file>`` (a file inside an installed
+Python package). With ``--lora-rank`` the run trains LoRA adapters (PEFT) plus the norms and writes
+an adapter checkpoint that names its base; without it, every weight trains and a full checkpoint is
+written. Intermediate state goes to ``--work`` every ``--save-steps`` steps; ``--resume`` continues
+a run with the same settings."""
 
 from __future__ import annotations
 
 import argparse
 import logging
+import shlex
 import sys
+import time
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, type=Path, help="base HF checkpoint folder")
+    p.add_argument(
+        "--model",
+        required=True,
+        help="base: an HF checkpoint folder, a .gguf file, or pkg:<distribution>/<file>",
+    )
     p.add_argument(
         "--data",
         required=True,
@@ -46,6 +58,40 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-len", type=int, default=512, help="truncate examples to N tokens")
     p.add_argument("--seed", type=int, default=42, help="random seed")
     p.add_argument(
+        "--lora-rank", type=int, help="train LoRA adapters of this rank (PEFT) and the norms"
+    )
+    p.add_argument("--lora-alpha", type=float, help="LoRA alpha (default: 2 x rank)")
+    p.add_argument(
+        "--chat",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="render examples with the tokenizer's chat template (default: when it has one)",
+    )
+    p.add_argument(
+        "--exit-sample",
+        type=int,
+        default=0,
+        help="each step, the last exit and N others drawn at random, scaled so that the loss "
+        "is the mean over exits in expectation (default 0: every exit every step)",
+    )
+    p.add_argument(
+        "--distill",
+        type=float,
+        default=0.0,
+        help="add W x KL(frozen base at full depth || exit) to each exit's loss (LoRA only)",
+    )
+    p.add_argument("--warmup", type=float, default=0.03, help="warm-up fraction of the steps")
+    p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument(
+        "--work", type=Path, help="folder for resumable trainer state (default: <out>.work)"
+    )
+    p.add_argument(
+        "--save-steps", type=int, default=25, help="save resumable state every N steps (0: never)"
+    )
+    p.add_argument(
+        "--resume", action="store_true", help="continue the run in --work (same settings only)"
+    )
+    p.add_argument(
         "--save-dtype",
         choices=["float32", "bfloat16", "float16"],
         default="float32",
@@ -61,36 +107,76 @@ def run(args: argparse.Namespace) -> int:
         return _run(args)
     except (DataError, ModelStoreError, ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return 1
+
+
+SETTINGS_FILE = "run_settings.json"
+# What a resumed run must share with the run it continues.
+RESUME_KEYS = (
+    "model", "data", "method", "exits", "exit_every", "eval_data", "held_out", "epochs",
+    "max_steps", "lr", "batch_size", "grad_accum", "max_len", "seed", "lora_rank", "lora_alpha",
+    "chat", "exit_sample", "distill", "warmup",
+)  # fmt: skip
+
+
+def check_resume(work: Path, settings: dict, resume: bool) -> None:
+    """Record the run's settings in ``work``; refuse a ``--resume`` whose settings differ."""
+    import json
+
+    path = work / SETTINGS_FILE
+    if resume and path.is_file():
+        old = json.loads(path.read_text())
+        diff = sorted(k for k in RESUME_KEYS if old.get(k) != settings.get(k))
+        if diff:
+            changes = ", ".join(f"{k}: {old.get(k)!r} -> {settings.get(k)!r}" for k in diff)
+            raise ValueError(f"--resume: {path} was made with other settings ({changes})")
+    work.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(settings, indent=1) + "\n")
 
 
 def _run(args: argparse.Namespace) -> int:
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    import json
 
-    from app.model_store import read_config
+    import torch
+
+    from app.base_model import load_hf
+    from app.base_ref import ref_for, resolve
     from app.training.data import encode_records, load_alpaca, split_held_out
     from app.training.evaluate import format_table
     from app.training.soft import parse_exits
     from app.training.train import TrainOptions, run_trainer, save_checkpoint, train_exits
 
-    config = read_config(args.model)
-    num_layers = int(config["num_hidden_layers"])
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.distill and not args.lora_rank:
+        raise ValueError("--distill needs --lora-rank (the teacher is the base without adapter)")
+    base = ref_for(args.model)
+    model, tokenizer = load_hf(resolve(args.model))
+    num_layers = int(model.config.num_hidden_layers)
     exits = parse_exits(args.exits, args.exit_every, num_layers)
+    chat = bool(tokenizer.chat_template) if args.chat is None else args.chat
+    if chat and not tokenizer.chat_template:
+        raise ValueError(f"--chat: the tokenizer of {args.model} has no chat template")
     records = [r for path in args.data for r in load_alpaca(path)]
+    # the hash split always keeps the held-out instructions out of training
+    train_records, held = split_held_out(records, args.held_out)
     if args.eval_data:
-        train_records, held = records, load_alpaca(args.eval_data)
-    else:
-        train_records, held = split_held_out(records, args.held_out)
+        held = load_alpaca(args.eval_data)
+        scored = {r.instruction.strip().lower() for r in held}
+        train_records = [r for r in train_records if r.instruction.strip().lower() not in scored]
     logger.info("%d training records, %d held out", len(train_records), len(held))
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
-    train_examples = encode_records(tokenizer, train_records, args.max_len)
-    eval_examples = encode_records(tokenizer, held, args.max_len)
+    train_examples = encode_records(tokenizer, train_records, args.max_len, chat)
+    eval_examples = encode_records(tokenizer, held, args.max_len, chat)
     if not train_examples:
         raise ValueError("no training examples left after tokenisation")
+    settings = {k: getattr(args, k) for k in RESUME_KEYS}
+    settings = json.loads(json.dumps(settings, default=str)) | {"chat": chat}
+    work = args.work or args.out.with_name(args.out.name + ".work")
+    check_resume(work, settings, args.resume)
+    if args.lora_rank:
+        from app.training.lora import wrap_lora
+
+        model = wrap_lora(model, args.lora_rank, args.lora_alpha)
     opts = TrainOptions(
         method=args.method,
         epochs=args.epochs,
@@ -98,13 +184,26 @@ def _run(args: argparse.Namespace) -> int:
         lr=args.lr,
         batch_size=args.batch_size,
         grad_accum=args.grad_accum,
+        warmup_ratio=args.warmup,
         seed=args.seed,
+        exit_sample=args.exit_sample,
+        distill=args.distill,
+        save_steps=args.save_steps,
     )
     args.out.mkdir(parents=True, exist_ok=True)
     trained = train_exits(args.method, exits, num_layers)
+    t0 = time.perf_counter()
     run_trainer(
-        model, tokenizer, train_examples, trained, opts, log_path=args.out / "train_log.json"
+        model,
+        tokenizer,
+        train_examples,
+        trained,
+        opts,
+        log_path=args.out / "train_log.json",
+        work_dir=work,
+        resume=args.resume,
     )
+    wall = time.perf_counter() - t0
     meta = save_checkpoint(
         model,
         tokenizer,
@@ -114,13 +213,25 @@ def _run(args: argparse.Namespace) -> int:
         eval_examples=eval_examples,
         eval_name=str(args.eval_data or f"held-out {args.held_out:.0%} of {len(records)} records"),
         training={
-            "base": str(args.model),
+            "base": base.to_json(),
             "data": [str(p) for p in args.data],
+            "chat_template": chat,
+            "lora": (
+                {"rank": args.lora_rank, "alpha": args.lora_alpha or 2 * args.lora_rank}
+                if args.lora_rank
+                else None
+            ),
             "epochs": args.epochs,
             "max_steps": args.max_steps,
             "lr": args.lr,
             "batch_size": args.batch_size * args.grad_accum,
+            "max_len": args.max_len,
+            "exit_sample": args.exit_sample,
+            "distill": args.distill,
             "seed": args.seed,
+            "train_wall_s": round(wall),
+            "threads": torch.get_num_threads(),
+            "command": "python -m app train " + shlex.join(sys.argv[2:]),
         },
         dtype=args.save_dtype,
         eval_exits=exits,
