@@ -311,3 +311,14 @@ def test_bench_quality_compares_two_checkpoints(
         assert r["soft_minus_sft"] == pytest.approx(r["soft_loss"] - r["sft_loss"], abs=1e-3)
         assert r["soft_loss"] != r["sft_loss"]
     assert "SoFT/SFT" in capsys.readouterr().out
+
+
+def test_resume_with_other_settings_is_refused_naming_the_file(tmp_path: Path) -> None:
+    from app.training.train_cli import SETTINGS_FILE, check_resume
+
+    settings = {"model": "m", "lr": 1e-3, "seed": 42}
+    check_resume(tmp_path, settings, resume=False)
+    check_resume(tmp_path, settings, resume=True)  # the same settings continue
+    with pytest.raises(ValueError, match=r"run_settings.json was made with other settings.*lr"):
+        check_resume(tmp_path, settings | {"lr": 5e-4}, resume=True)
+    assert json.loads((tmp_path / SETTINGS_FILE).read_text()) == settings

@@ -38,8 +38,14 @@ def wrap_lora(model: Any, rank: int, alpha: float | None = None, dropout: float 
     return peft_model
 
 
-def save_adapter(peft_model: Any, out_dir: Path) -> None:
-    """``adapter_config.json`` and ``adapter_model.safetensors`` (float32), as PEFT writes them."""
+def save_adapter(peft_model: Any, out_dir: Path, base_name: str | None = None) -> None:
+    """``adapter_config.json`` and ``adapter_model.safetensors`` (float32), as PEFT writes them.
+
+    ``base_name`` replaces the base's local path in the config (and PEFT's card), which would
+    name a folder of this machine; ``sorted.json`` holds the base's full reference."""
+    if base_name is not None:
+        for config in peft_model.peft_config.values():
+            config.base_model_name_or_path = base_name
     peft_model.save_pretrained(out_dir)
 
 

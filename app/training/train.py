@@ -141,7 +141,9 @@ def save_checkpoint(
     if hasattr(model, "merge_and_unload"):
         from app.training.lora import merged, save_adapter
 
-        save_adapter(model, out_dir)
+        base = (training.get("base") or {}) if isinstance(training, dict) else {}
+        name = f"pkg:{base['package']}/{base['file']}" if base.get("package") else base.get("path")
+        save_adapter(model, out_dir, name)
         model = merged(model)
     else:
         model = model.to(getattr(torch, dtype))
