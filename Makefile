@@ -49,7 +49,7 @@ TRAIN := $(BIN)/python -m app train --model $(BASE) \
   --eval-data bench/data/heldout-48.json --exits 9,12,15,18,21,24,27,30 --lora-rank 16 --chat --max-steps $(STEPS) \
   --batch-size 4 --max-len 192 --lr 1e-3 --warmup 0.06 --seed 42 --threads 1 --save-steps 10 $(RESUME)
 default-model: install
-	$(TRAIN) --method soft --exit-sample 3 --distill 1.0 \
+	$(TRAIN) --method soft --exit-sample 3 --distill 1.0 --last-weight 0.5 \
 	  --out $(OUT)/default --work build/default-model/soft & \
 	  pid=$$!; $(TRAIN) --method sft --out $(OUT)/default-sft \
 	  --work build/default-model/sft; sft=$$?; \

@@ -112,6 +112,18 @@ def test_sft_loss_is_the_last_exit_only_and_soft_is_the_mean(ckpt: Path) -> None
     torch.testing.assert_close(g_sft, model.model.layers[0].mlp.down_proj.weight.grad)
 
 
+def test_last_weight_splits_the_loss_between_full_depth_and_the_other_exits() -> None:
+    losses = {3: torch.tensor(6.0), 6: torch.tensor(4.0), 9: torch.tensor(2.0), 12: torch.tensor(1.0)}
+    # The paper's weighting: every exit an equal share.
+    torch.testing.assert_close(sorted_loss(losses, 4), torch.tensor(13.0 / 4))
+    # Half for full depth, half for the mean of the others, sampled or not.
+    torch.testing.assert_close(sorted_loss(losses, 4, 0.5), torch.tensor(0.5 * 1.0 + 0.5 * 4.0))
+    sampled = {6: losses[6], 12: losses[12]}
+    torch.testing.assert_close(sorted_loss(sampled, 4, 0.5), torch.tensor(0.5 * 1.0 + 0.5 * 4.0))
+    torch.testing.assert_close(sorted_loss(losses, 4, 1.0), torch.tensor(1.0))  # SFT
+    torch.testing.assert_close(sorted_loss({12: losses[12]}, 4, 0.5), torch.tensor(1.0))
+
+
 def test_one_soft_step_lowers_the_multi_exit_loss(ckpt: Path, tmp_path: Path) -> None:
     model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(ckpt)
@@ -249,6 +261,7 @@ def test_train_cli_writes_a_checkpoint_plain_transformers_loads(
         ('[{"instruction": "x"}]', [], "record 0 has no non-empty string 'output'"),
         ('{"not": "a list"}', [], "expected a JSON list"),
         (json.dumps(RECORDS), ["--exits", "2,9"], "outside the model's layers 1..4"),
+        (json.dumps(RECORDS), ["--last-weight", "1.5"], "--last-weight must be between 0 and 1"),
     ],
 )
 def test_train_cli_clear_errors(

@@ -158,13 +158,24 @@ def sample_exits(exits: Sequence[int], sample: int, seed: int, step: int) -> lis
     return [*sorted(rng.sample(inner, sample)), last]
 
 
-def sorted_loss(losses: dict[int, torch.Tensor], num_exits: int | None = None) -> torch.Tensor:
+def sorted_loss(
+    losses: dict[int, torch.Tensor],
+    num_exits: int | None = None,
+    last_weight: float | None = None,
+) -> torch.Tensor:
     """The mean over the exits. When ``losses`` holds the last exit and a uniform sample of the
-    other ``num_exits - 1``, the sample is scaled so that the expectation is that mean."""
+    other ``num_exits - 1``, the sample is scaled so that the expectation is that mean.
+
+    ``last_weight`` (0..1) gives the last exit that share of the loss and the mean of the others
+    the rest, instead of the paper's equal ``1 / num_exits`` for every exit."""
     values = list(losses.values())
-    if num_exits is None or len(values) == num_exits:
+    if last_weight is None and (num_exits is None or len(values) == num_exits):
         return torch.stack(values).mean()
     *inner, last = (losses[k] for k in sorted(losses))
+    if not inner:
+        return last
+    if last_weight is not None:
+        return last_weight * last + (1.0 - last_weight) * torch.stack(inner).mean()
     scale = (num_exits - 1) / max(1, len(inner))
     return (last + scale * torch.stack(inner).sum()) / num_exits
 
@@ -178,12 +189,14 @@ class SortedTrainer(Trainer):
         exits: Sequence[int],
         exit_sample: int = 0,
         distill: float = 0.0,
+        last_weight: float | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
         self.exits = list(exits)
         self.exit_sample = exit_sample
         self.distill = distill
+        self.last_weight = last_weight
 
     def compute_loss(
         self,
@@ -210,7 +223,7 @@ class SortedTrainer(Trainer):
             teacher=teacher,
             distill=self.distill,
         )
-        loss = sorted_loss(losses, len(self.exits))
+        loss = sorted_loss(losses, len(self.exits), self.last_weight)
         if self.state.global_step % max(1, self.args.logging_steps) == 0 and model.training:
             self._last_exit_losses = {k: round(v.item(), 4) for k, v in losses.items()}
         return (loss, None) if return_outputs else loss

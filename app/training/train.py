@@ -39,6 +39,7 @@ class TrainOptions:
     logging_steps: int = 10
     group_by_length: bool = True
     exit_sample: int = 0  # 0: every exit each step; N: the last and N others drawn each step
+    last_weight: float | None = None  # the last exit's share of the loss (None: 1 / exits)
     distill: float = 0.0  # weight of KL(frozen base at full depth || exit), PEFT models only
     save_steps: int = 0  # 0: no intermediate checkpoints; N: one every N steps in the work dir
     extra: dict[str, Any] = field(default_factory=dict)
@@ -100,6 +101,7 @@ def run_trainer(
         exits=exits,
         exit_sample=opts.exit_sample,
         distill=opts.distill,
+        last_weight=opts.last_weight,
     )
     t0 = time.perf_counter()
     trainer.train(resume_from_checkpoint=_last_checkpoint(work) if resume else None)

@@ -75,6 +75,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "is the mean over exits in expectation (default 0: every exit every step)",
     )
     p.add_argument(
+        "--last-weight",
+        type=float,
+        help="the full-depth exit's share of the loss, 0..1, the other exits' mean taking the "
+        "rest (default: an equal share for every exit, as in the paper)",
+    )
+    p.add_argument(
         "--distill",
         type=float,
         default=0.0,
@@ -115,7 +121,7 @@ SETTINGS_FILE = "run_settings.json"
 RESUME_KEYS = (
     "model", "data", "method", "exits", "exit_every", "eval_data", "held_out", "epochs",
     "max_steps", "lr", "batch_size", "grad_accum", "max_len", "seed", "lora_rank", "lora_alpha",
-    "chat", "exit_sample", "distill", "warmup",
+    "chat", "exit_sample", "last_weight", "distill", "warmup",
 )  # fmt: skip
 
 
@@ -148,6 +154,8 @@ def _run(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.last_weight is not None and not 0.0 <= args.last_weight <= 1.0:
+        raise ValueError(f"--last-weight must be between 0 and 1, got {args.last_weight}")
     if args.distill and not args.lora_rank:
         raise ValueError("--distill needs --lora-rank (the teacher is the base without adapter)")
     base = ref_for(args.model)
@@ -188,6 +196,7 @@ def _run(args: argparse.Namespace) -> int:
         seed=args.seed,
         exit_sample=args.exit_sample,
         distill=args.distill,
+        last_weight=args.last_weight,
         save_steps=args.save_steps,
     )
     args.out.mkdir(parents=True, exist_ok=True)
@@ -228,6 +237,7 @@ def _run(args: argparse.Namespace) -> int:
             "max_len": args.max_len,
             "exit_sample": args.exit_sample,
             "distill": args.distill,
+            "last_weight": args.last_weight,
             "seed": args.seed,
             "train_wall_s": round(wall),
             "threads": torch.get_num_threads(),
