@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from pathlib import Path
 
 import pytest
@@ -113,7 +114,12 @@ def test_sft_loss_is_the_last_exit_only_and_soft_is_the_mean(ckpt: Path) -> None
 
 
 def test_last_weight_splits_the_loss_between_full_depth_and_the_other_exits() -> None:
-    losses = {3: torch.tensor(6.0), 6: torch.tensor(4.0), 9: torch.tensor(2.0), 12: torch.tensor(1.0)}
+    losses = {
+        3: torch.tensor(6.0),
+        6: torch.tensor(4.0),
+        9: torch.tensor(2.0),
+        12: torch.tensor(1.0),
+    }
     # The paper's weighting: every exit an equal share.
     torch.testing.assert_close(sorted_loss(losses, 4), torch.tensor(13.0 / 4))
     # Half for full depth, half for the mean of the others, sampled or not.
@@ -233,6 +239,10 @@ def test_train_cli_writes_a_checkpoint_plain_transformers_loads(
     assert meta.exits == [2, 4] and meta.method == "soft"
     assert set(meta.eval["by_exit"]) == {"2", "4"}
     assert (out / "train_log.json").is_file()
+    card = (out / "README.md").read_text()
+    assert meta.training["command"] in card and "SoFT" in card
+    for k in ("2", "4"):
+        assert f"| {k} | {float(meta.eval['by_exit'][k]):.3f} |" in card
     rc = main(
         [
             "eval-exits",
@@ -298,32 +308,35 @@ def test_load_alpaca_reads_jsonl(tmp_path: Path) -> None:
         load_alpaca(path)
 
 
-def test_bench_quality_compares_two_checkpoints(
+def test_bench_quality_compares_base_sft_and_soft_with_answers(
     ckpt: Path, data_file: Path, tmp_path: Path, capsys
 ) -> None:
-    other = make_tiny_checkpoint(tmp_path / "sft", num_layers=4, seed=1)
+    sft = make_tiny_checkpoint(tmp_path / "sft", num_layers=4, seed=1)
+    base = make_tiny_checkpoint(tmp_path / "base", num_layers=4, seed=2, write_sorted=False)
     out = tmp_path / "quality.json"
-    rc = main(
-        [
-            "bench",
-            "quality",
-            "--soft",
-            str(ckpt),
-            "--sft",
-            str(other),
-            "--data",
-            str(data_file),
-            "--out",
-            str(out),
-        ]
-    )
+    argv = ["bench", "quality", "--soft", str(ckpt), "--sft", str(sft), "--base", str(base)]
+    rc = main([*argv, "--data", str(data_file), "--answer-tokens", "3", "--out", str(out)])
     assert rc == 0
     result = json.loads(out.read_text())
     assert [r["exit"] for r in result["rows"]] == [1, 2, 3, 4]
     for r in result["rows"]:
         assert r["soft_minus_sft"] == pytest.approx(r["soft_loss"] - r["sft_loss"], abs=1e-3)
-        assert r["soft_loss"] != r["sft_loss"]
-    assert "SoFT/SFT" in capsys.readouterr().out
+        assert len({r["soft_loss"], r["sft_loss"], r["base_loss"]}) == 3
+        assert r["base_ppl"] == pytest.approx(math.exp(r["base_loss"]), rel=1e-3)
+    answers = result["answers"]["soft"]
+    assert len(answers) == 3
+    assert all(list(by_exit) == ["1", "2", "3", "4"] for by_exit in answers.values())
+    assert "cpu" in result["machine"]
+    printed = capsys.readouterr().out
+    assert "SoFT/SFT" in printed and "base loss" in printed and "greedy answers" in printed
+
+
+def test_bench_quality_refuses_bad_answer_settings(ckpt: Path, data_file: Path, capsys) -> None:
+    argv = ["bench", "quality", "--soft", str(ckpt), "--sft", str(ckpt), "--data", str(data_file)]
+    assert main([*argv, "--answers-from", "base"]) == 2
+    assert "--answers-from base needs --base" in capsys.readouterr().err
+    assert main([*argv, "--answer-tokens", "-1"]) == 2
+    assert "--answer-tokens must be at least 0" in capsys.readouterr().err
 
 
 def test_resume_with_other_settings_is_refused_naming_the_file(tmp_path: Path) -> None:

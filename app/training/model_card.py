@@ -93,3 +93,100 @@ Measured on the saved weights, on `{args.heldout_out}`:
 {LICENCES}
 """
     (folder / "README.md").write_text(card)
+
+
+def write_trained_card(folder: Path, meta: SortedMeta) -> Path:
+    """The model card of a ``python -m app train`` checkpoint, from its ``sorted.json`` alone.
+
+    Replaces PEFT's empty template: it names the base, the recipe, the exact command, the wall
+    time and the held-out loss per exit, and the data's licences."""
+    t = meta.training
+    base = t.get("base") or {}
+    if base.get("package"):
+        base_line = (
+            f"`{base['file']}` from the PyPI wheel `{base['package']}=={base.get('version', '?')}`"
+            f" (`pkg:{base['package']}/{base['file']}`), sha256 `{base.get('sha256', '?')}`,"
+            " checked at load"
+        )
+    else:
+        base_line = f"`{base.get('path', t.get('model', '?'))}`"
+    lora = t.get("lora")
+    form = (
+        f"a PEFT LoRA adapter (rank {lora['rank']}, alpha {lora['alpha']}, on every attention and"
+        " MLP projection, norms trained in full), merged into the base once at load"
+        if lora
+        else "a full checkpoint"
+    )
+    if meta.method == "soft":
+        what = (
+            f"Sorted Fine-Tuned (SoFT, arXiv 2309.08968): every exit in {meta.exits} — the first k"
+            " layers plus the shared final norm and LM head — is a sub-model to serve"
+        )
+        loss = (
+            f"{t.get('exit_sample') or 'all'} sampled exits per step (full depth always in)"
+            if t.get("exit_sample")
+            else "the mean over every exit"
+        )
+        if t.get("last_weight"):
+            loss += (
+                f"; full depth weighs {t['last_weight']} of the loss, the other exits share"
+                " the rest"
+            )
+        if t.get("distill"):
+            loss += (
+                f"; plus {t['distill']} × KL(frozen base at full depth ‖ exit) at every trained"
+                " exit: a distillation term added to the paper's loss"
+            )
+    else:
+        what = "the SFT baseline: fine-tuned at full depth only, for comparison with SoFT"
+        loss = "cross-entropy at full depth only"
+    by_exit = meta.eval.get("by_exit", {})
+    rows = "\n".join(
+        f"| {k} | {float(v):.3f} | {math.exp(float(v)):.1f} |"
+        for k, v in sorted(by_exit.items(), key=lambda kv: int(kv[0]))
+    )
+    data = "\n".join(f"  - `{d}`" for d in t.get("data", []))
+    card = f"""# {folder.name}: {meta.method.upper()} of SmolLM2-135M-Instruct
+
+{what}.
+
+- base: {base_line}
+- stored as {form}
+- layers: {meta.num_layers}; exits served: {meta.exits}
+- prompt format: {"the base's chat template" if t.get("chat_template") else "Alpaca"}
+
+## How it was made
+`make default-model` trains this checkpoint and its counterpart side by side on two CPU cores
+and writes both into `model_store/`. This one ran as (`--out` is where it was written):
+
+```
+{t.get("command", "?")}
+```
+
+- steps {t.get("max_steps")} × batch {t.get("batch_size")}, sequences cut at {t.get("max_len")}
+  tokens (about {t.get("epochs", "?")} epochs of the used examples), lr {t.get("lr")}, seed
+  {t.get("seed")}; only response tokens count
+- loss: {loss}
+- wall time: {t.get("train_wall_s", 0) / 60:.1f} min of training, {t.get("threads", "?")} thread(s)
+- data (the held-out split in `{meta.eval.get("dataset", "?")}` excluded):
+{data}
+
+## Held-out response loss per exit (nats per token)
+On `{meta.eval.get("dataset", "?")}` ({meta.eval.get("tokens", "?")} response tokens), measured
+on the weights as saved:
+
+| exit | loss | perplexity |
+|---|---|---|
+{rows}
+
+SoFT, SFT and the untuned base side by side, with greedy answers at every exit:
+`docs/soft-vs-sft.md` (`python -m app bench quality`).
+
+## Licences
+The base, SmolLM2-135M-Instruct, is Apache-2.0.
+
+{LICENCES}
+"""
+    path = folder / "README.md"
+    path.write_text(card)
+    return path

@@ -19,6 +19,7 @@ from transformers import TrainingArguments
 from app.model_store import SortedMeta, write_sorted_meta
 from app.training.data import Example, ExampleDataset, pad_batch
 from app.training.evaluate import evaluate_exits
+from app.training.model_card import write_trained_card
 from app.training.soft import SortedTrainer
 
 logger = logging.getLogger(__name__)
@@ -172,4 +173,5 @@ def save_checkpoint(
         training=training,
     )
     write_sorted_meta(out_dir, meta)
+    write_trained_card(out_dir, meta)
     return meta
