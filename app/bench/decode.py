@@ -63,8 +63,9 @@ class _Clock:
 
 def run(args: argparse.Namespace) -> int:
     import torch
-    from transformers import AutoModelForCausalLM
 
+    from app.base_model import load_hf
+    from app.base_ref import resolve
     from app.engine import EngineConfig, GenerationRequest, SamplingParams
 
     load_at_start = load_average()
@@ -81,8 +82,9 @@ def run(args: argparse.Namespace) -> int:
         logger.error("prompt plus --max-new-tokens exceed the context of %d", info.max_seq_len)
         return 2
     device = torch.device(info.device)
-    hf = AutoModelForCausalLM.from_pretrained(args.model, dtype=getattr(torch, info.dtype))
-    hf = hf.to(device).eval()
+    # the same weights as transformers holds them: a folder, a GGUF, or an adapter merged by PEFT
+    hf, _ = load_hf(resolve(args.model))
+    hf = hf.to(device=device, dtype=getattr(torch, info.dtype)).eval()
     engine.start()
     input_ids = torch.tensor([prompt_ids], device=device)
     counter = iter(range(10**9))

@@ -1,4 +1,4 @@
-"""The model card (``README.md``) written into each default checkpoint folder."""
+"""Model cards (``README.md``): the tiny fixtures' (``build-tiny``) and any ``train`` run's."""
 
 from __future__ import annotations
 
@@ -62,12 +62,10 @@ A small LLaMA-architecture model, {kind}. Made by SortedServe's own trainer from
 - prompt format: Alpaca (the chat template renders it; see `app/training/prompting.py`)
 
 ## How it was made
-```
-make default-model
-```
-runs `python -m app build-default --stage pretrain --threads 1`, then the SoFT and the SFT
-fine-tunes from that base side by side (`--stage finetune --methods soft`, `--methods sft`), with
-`--data ../shared/data --out model_store`. This checkpoint's fine-tune ran as:
+`python -m app build-tiny --data ../shared/data --out model_store` pretrains the base
+(`--stage pretrain`), then runs the SoFT and the SFT fine-tunes from it (`--stage finetune
+--methods soft`, `--methods sft`; side by side in two shells on two cores). This checkpoint's
+fine-tune ran as:
 `{meta.training.get("command", "")}` (`--work` is only the scratch folder of the base).
 
 1. {held} instructions held out by a hash of the instruction text ({args.held_out:.0%}),
@@ -76,8 +74,8 @@ fine-tunes from that base side by side (`--stage finetune --methods soft`, `--me
 3. pretraining with the plain LM loss on the same text: {args.pretrain_steps} steps × batch
    {args.pretrain_batch} × {args.block_size} tokens, lr {args.pretrain_lr}, cosine schedule.
 4. from that base, with the same {args.finetune_steps} steps × batch {args.finetune_batch}, lr
-   {args.finetune_lr}, seed {args.seed}: `default` with the SoFT loss (mean over exits
-   {meta.exits if meta.method == "soft" else args.exits}), `default-sft` with the last layer only.
+   {args.finetune_lr}, seed {args.seed}: `tiny` with the SoFT loss (mean over exits
+   {meta.exits if meta.method == "soft" else args.exits}), `tiny-sft` with the last layer only.
    Only response tokens count (the Alpaca prompt is masked).
 
 Seed {args.seed}. Machine: {meta.training.get("machine", "?")}. Wall time: pretraining
@@ -123,7 +121,7 @@ def write_trained_card(folder: Path, meta: SortedMeta) -> Path:
             " layers plus the shared final norm and LM head — is a sub-model to serve"
         )
         loss = (
-            f"{t.get('exit_sample') or 'all'} sampled exits per step (full depth always in)"
+            f"each step, full depth and {t['exit_sample']} other exits drawn at random"
             if t.get("exit_sample")
             else "the mean over every exit"
         )
@@ -145,6 +143,11 @@ def write_trained_card(folder: Path, meta: SortedMeta) -> Path:
         f"| {k} | {float(v):.3f} | {math.exp(float(v)):.1f} |"
         for k, v in sorted(by_exit.items(), key=lambda kv: int(kv[0]))
     )
+    length = (
+        f"{t['max_steps']} steps ({t['max_steps'] * t.get('batch_size', 1)} examples)"
+        if t.get("max_steps")
+        else f"{t.get('epochs', '?')} epochs"
+    )
     data = "\n".join(f"  - `{d}`" for d in t.get("data", []))
     card = f"""# {folder.name}: {meta.method.upper()} of SmolLM2-135M-Instruct
 
@@ -163,9 +166,8 @@ and writes both into `model_store/`. This one ran as (`--out` is where it was wr
 {t.get("command", "?")}
 ```
 
-- steps {t.get("max_steps")} × batch {t.get("batch_size")}, sequences cut at {t.get("max_len")}
-  tokens (about {t.get("epochs", "?")} epochs of the used examples), lr {t.get("lr")}, seed
-  {t.get("seed")}; only response tokens count
+- {length}, batch {t.get("batch_size")}, sequences cut at {t.get("max_len")} tokens, lr
+  {t.get("lr")}, seed {t.get("seed")}; only response tokens count
 - loss: {loss}
 - wall time: {t.get("train_wall_s", 0) / 60:.1f} min of training, {t.get("threads", "?")} thread(s)
 - data (the held-out split in `{meta.eval.get("dataset", "?")}` excluded):

@@ -1,5 +1,7 @@
-"""``python -m app build-default``: the recipe that makes ``model_store/default`` (SoFT) and
-``model_store/default-sft`` (SFT) from ``../shared/data``, end to end, on CPU or GPU.
+"""``python -m app build-tiny``: the recipe that makes the 3.4 M-parameter test fixtures
+``model_store/tiny`` (SoFT) and ``model_store/tiny-sft`` (SFT) from ``../shared/data``, end to end,
+on CPU or GPU, with nothing pretrained. (The served default, Sorted SmolLM2-135M-Instruct, is
+made by ``make default-model`` with ``python -m app train``.)
 
 1. split the instruction sets (held-out by instruction hash, excluded from every later step);
 2. train a byte-level BPE tokenizer on the plain text and the training responses;
@@ -27,14 +29,14 @@ INSTRUCTION_FILES = (
     "lima/lima.json",
     "dolly_subset/dolly_151.json",
 )
-CHECKPOINT_NAMES = {"soft": "default", "sft": "default-sft"}
+CHECKPOINT_NAMES = {"soft": "tiny", "sft": "tiny-sft"}
 TEXT_FILES = ("tinystories/tinystories_val_subset.txt", "tinyshakespeare/input.txt")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", type=Path, default=Path("../shared/data"), help="shared data folder")
     p.add_argument("--out", type=Path, default=Path("model_store"), help="model store folder")
-    p.add_argument("--work", type=Path, default=Path("runs/default"), help="scratch folder")
+    p.add_argument("--work", type=Path, default=Path("runs/tiny"), help="scratch folder")
     p.add_argument(
         "--heldout-out",
         type=Path,
@@ -227,7 +229,7 @@ def build(args: argparse.Namespace) -> int:
             "batch_size": args.finetune_batch,
             "lr": args.finetune_lr,
             "seed": args.seed,
-            "command": "python -m app build-default " + shlex.join(sys.argv[2:]),
+            "command": "python -m app build-tiny " + shlex.join(sys.argv[2:]),
             "pretrain_wall_s": round(timings.get("pretrain_s", 0.0)),
             "machine": machine,
         }
