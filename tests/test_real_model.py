@@ -152,3 +152,53 @@ def test_gguf_of_another_architecture_is_refused(tmp_path: Path) -> None:
     writer.close()
     with pytest.raises(ModelStoreError, match="GGUF architecture 'gpt2' is not supported"):
         check_servable(path)
+
+
+# -- black box: the real default served over HTTP -------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def default_server(tmp_path_factory: pytest.TempPathFactory):
+    import httpx
+
+    from app.api.launcher import ServerProcess
+
+    env = {
+        "SORTEDSERVE_PROFILE_CACHE_DIR": str(tmp_path_factory.mktemp("profile-cache")),
+        "SORTEDSERVE_MAX_BATCH_SIZE": "1",
+        "SORTEDSERVE_PROFILE_BATCH_SIZES": "[1]",
+        "SORTEDSERVE_DEVICE": "cpu",
+        "SORTEDSERVE_API_KEY": "",
+    }
+    log = tmp_path_factory.mktemp("real-server") / "server.log"
+    with ServerProcess(STORE / "default", log, env, args=["--no-access-log"]) as proc:
+        with httpx.Client(base_url=proc.url, timeout=120) as client:
+            yield client
+        assert proc.alive(), f"the server died during the tests:\n{proc.tail()}"
+
+
+def _generate(client, **body) -> dict:
+    r = client.post("/v1/generate", json={"prompt": CAPITAL, "max_new_tokens": 12, **body})
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+CAPITAL = "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_default_serves_its_ladder_and_reports_quality_per_exit(default_server) -> None:
+    info = default_server.get("/info").json()
+    meta = read_sorted_meta(STORE / "default", 30)
+    assert info["num_layers"] == 30 and info["exits"] == meta.exits and info["soft_tuned"]
+    assert info["quality"] == {"metric": "loss", "by_exit": meta.eval["by_exit"]}
+
+
+def test_budget_picks_depth_on_the_real_default(default_server) -> None:
+    deep = _generate(default_server, budget_ms=60_000)
+    assert deep["exit_layer"] == 30 and deep["budget"]["met"]
+    assert "Paris" in deep["text"]  # full depth answers
+    # 12 tokens in 50 ms fit no exit on two CPU cores: the shallowest runs, and says so
+    shallow = _generate(default_server, budget_ms=50)
+    assert shallow["exit_layer"] == 9 and shallow["budget"]["met"] is False
+    assert shallow["budget"]["feasible"] is False
+    assert shallow["usage"]["completion_tokens"] >= 1
