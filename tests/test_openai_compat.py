@@ -9,8 +9,11 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+from torch import Tensor
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from app.api.launcher import ServerProcess
+from tests.test_logprobs import reference_logprobs
 
 pytestmark = pytest.mark.integration
 
@@ -134,7 +137,7 @@ def test_chat_completion_stream(client: openai.OpenAI) -> None:
 
 def test_openai_errors(client: openai.OpenAI) -> None:
     with pytest.raises(openai.UnprocessableEntityError) as exc:
-        client.completions.create(model="llama", prompt="Hi", max_tokens=0)
+        client.completions.create(model="llama", prompt="Hi", max_tokens=0)  # (no echo)
     assert "max_tokens" in exc.value.response.json()["error"]
     with pytest.raises(openai.UnprocessableEntityError) as exc:
         client.chat.completions.create(model="llama", messages=[], max_tokens=4)
@@ -147,10 +150,113 @@ def test_openai_errors(client: openai.OpenAI) -> None:
             model="llama", prompt="Hi", extra_body={"exit_layer": 2, "budget_ms": 50}
         )
     assert "exit_layer" in exc.value.response.json()["error"]
-    for field, value in [("echo", True), ("logprobs", 2), ("best_of", 3), ("seed", -1)]:
+    for field, value in [("logprobs", 6), ("logprobs", -1), ("best_of", 3), ("seed", -1)]:
         with pytest.raises(openai.UnprocessableEntityError) as exc:
             client.completions.create(model="llama", prompt="Hi", extra_body={field: value})
         assert field in exc.value.response.json()["error"]
+    with pytest.raises(openai.UnprocessableEntityError) as exc:
+        client.chat.completions.create(
+            model="llama", messages=[{"role": "user", "content": "Hi"}], logprobs=True
+        )
+    assert "logprobs" in exc.value.response.json()["error"]
+    with pytest.raises(openai.UnprocessableEntityError) as exc:
+        client.completions.create(model="llama", prompt=[5, 10**9], max_tokens=2)
+    assert "prompt" in exc.value.response.json()["error"]
+
+
+# -- logprobs and echo (legacy completions) ------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def hf(tiny_checkpoint: Path):
+    return AutoModelForCausalLM.from_pretrained(tiny_checkpoint).eval()
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_checkpoint: Path):
+    return AutoTokenizer.from_pretrained(tiny_checkpoint)
+
+
+PROMPT_IDS = [61, 57, 300, 12, 199, 45, 7]
+
+
+def greedy_reference(hf, prompt: list[int], n: int, exit_layer: int) -> tuple[list[int], Tensor]:
+    """The ``n`` greedy tokens after ``prompt`` at ``exit_layer`` and the reference
+    log-probabilities ``[len(prompt) + n, vocab]`` over the whole sequence."""
+    ids = list(prompt)
+    for _ in range(n):
+        ids.append(int(reference_logprobs(hf, ids, exit_layer)[-1].argmax()))
+    return ids[len(prompt) :], reference_logprobs(hf, ids, exit_layer)
+
+
+def test_completion_logprobs_match_the_reference(client: openai.OpenAI, hf, tokenizer) -> None:
+    out = client.completions.create(
+        model="llama", prompt=PROMPT_IDS, max_tokens=4, temperature=0, logprobs=2,
+        extra_body={"exit_layer": 2, "ignore_eos": True},
+    )  # fmt: skip
+    generated, ref = greedy_reference(hf, PROMPT_IDS, 4, 2)
+    lp = out.choices[0].logprobs
+    assert lp.tokens == [tokenizer.decode([t]) for t in generated]
+    assert "".join(lp.tokens) == out.choices[0].text
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(4)]
+    for j, token in enumerate(generated):
+        row = ref[len(PROMPT_IDS) + j - 1]
+        assert lp.token_logprobs[j] == pytest.approx(float(row[token]), abs=1e-4)
+        values, ids = row.topk(2)
+        # the two best, and the chosen one (greedy: the best itself), by text
+        want = {tokenizer.decode([int(i)]): float(v) for i, v in zip(ids, values, strict=True)}
+        assert lp.top_logprobs[j] == pytest.approx(want, abs=1e-4)
+
+
+def test_echo_with_logprobs_scores_the_prompt(client: openai.OpenAI, hf, tokenizer) -> None:
+    out = client.completions.create(
+        model="llama", prompt=[PROMPT_IDS], max_tokens=3, temperature=0, echo=True, logprobs=0,
+        extra_body={"exit_layer": 3, "ignore_eos": True},
+    )  # fmt: skip
+    generated, ref = greedy_reference(hf, PROMPT_IDS, 3, 3)
+    lp = out.choices[0].logprobs
+    everything = PROMPT_IDS + generated
+    assert lp.tokens == [tokenizer.decode([t]) for t in everything]
+    assert out.choices[0].text == "".join(lp.tokens)
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    for i in range(1, len(everything)):
+        assert lp.token_logprobs[i] == pytest.approx(float(ref[i - 1, everything[i]]), abs=1e-4)
+        assert lp.top_logprobs[i] == pytest.approx({lp.tokens[i]: lp.token_logprobs[i]})
+    assert out.usage.prompt_tokens == len(PROMPT_IDS) and out.usage.completion_tokens == 3
+
+
+def test_echo_without_generating_scores_a_text_prompt(client: openai.OpenAI, hf) -> None:
+    prompt = "Once upon a time there was"
+    out = client.completions.create(
+        model="llama", prompt=prompt, max_tokens=0, echo=True, logprobs=1,
+        extra_body={"exit_layer": 4},
+    )  # fmt: skip
+    choice = out.choices[0]
+    assert choice.text == prompt and choice.finish_reason == "length"
+    assert out.usage.completion_tokens == 0
+    lp = choice.logprobs
+    assert len(lp.tokens) == out.usage.prompt_tokens and lp.token_logprobs[0] is None
+    assert all(x is not None and x <= 0 for x in lp.token_logprobs[1:])
+    assert lp.text_offset[0] == 0 and lp.text_offset == sorted(lp.text_offset)
+    plain = client.completions.create(
+        model="llama", prompt=prompt, max_tokens=2, temperature=0, echo=True,
+        extra_body={"exit_layer": 4},
+    )  # fmt: skip
+    assert plain.choices[0].text.startswith(prompt) and plain.choices[0].logprobs is None
+
+
+def test_streamed_logprobs_equal_the_whole(client: openai.OpenAI) -> None:
+    args = {
+        "model": "llama", "prompt": PROMPT_IDS, "max_tokens": 5, "temperature": 0,
+        "echo": True, "logprobs": 2, "extra_body": {"exit_layer": 2, "ignore_eos": True},
+    }  # fmt: skip
+    whole = client.completions.create(**args).choices[0]
+    chunks = [c for c in client.completions.create(**args, stream=True) if c.choices]
+    assert "".join(c.choices[0].text for c in chunks) == whole.text
+    parts = [c.choices[0].logprobs for c in chunks if c.choices[0].logprobs is not None]
+    assert len(parts) == 5  # one chunk per token, the first one with the echoed prompt
+    for field in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
+        assert [x for p in parts for x in getattr(p, field)] == getattr(whole.logprobs, field)
 
 
 # -- the API key ---------------------------------------------------------------------------------

@@ -68,23 +68,32 @@ class GenerationService:
         *,
         text: str | None = None,
         messages: list[dict[str, str]] | None = None,
+        token_ids: list[int] | None = None,
         max_new_tokens: int | None = None,
+        logprobs: int | None = None,
+        prompt_logprobs: int | None = None,
         prompt_field: str = "prompt",
         max_field: str = "max_new_tokens",
         id_prefix: str = "gen",
     ) -> Job:
-        """Check, tokenise (``text`` as is, or ``messages`` through the chat template) and admit.
+        """Check, tokenise (``text`` as is, ``messages`` through the chat template, or take
+        ``token_ids`` as they are) and admit.
 
         ``body`` is any route's validated body: its sampling fields, ``budget_ms`` and
         ``exit_layer`` share their names across routes. Holds a queue place from the start (429
         when none is left), so that requests being tokenised count against the capacity.
+        ``logprobs`` / ``prompt_logprobs`` are the engine's (``SamplingParams``); a
+        ``max_new_tokens`` of 0 (only with ``prompt_logprobs``) scores the prompt only.
         """
         limits.take_place(self.state)
         try:
             chars = text if text is not None else "".join(m["content"] for m in messages or [])
             limits.check_chars(self.settings, chars, prompt_field)
             n = limits.max_new_tokens(self.settings, max_new_tokens, max_field)
-            if text is not None:
+            if token_ids is not None:
+                limits.check_token_ids(self.state, token_ids, prompt_field)
+                prompt_ids = list(token_ids)
+            elif text is not None:
                 prompt_ids = await anyio.to_thread.run_sync(self.engine.encode, text)
             else:
                 prompt_ids = await self._encode_chat(messages or [], prompt_field)
@@ -117,6 +126,8 @@ class GenerationService:
                 seed=body.seed,
                 stop=stop_tuple(body.stop),
                 ignore_eos=body.ignore_eos,
+                logprobs=logprobs,
+                prompt_logprobs=prompt_logprobs,
             ),
             arrival_time=arrival,
         )
@@ -173,13 +184,17 @@ class GenerationService:
         if final is None:
             self.scheduler.finish(job.request_id)
             return
-        self.scheduler.finish(
-            job.request_id,
-            queue_ms=final.queue_ms,
-            ttft_ms=final.ttft_ms,
-            total_ms=final.total_ms if final.finish_reason != "cancelled" else None,
-            completion_tokens=final.completion_tokens,
-        )
+        if job.request.sampling.prompt_logprobs is not None:
+            # a scored prompt runs the head over every position: no lesson for other prefills
+            self.scheduler.finish(job.request_id)
+        else:
+            self.scheduler.finish(
+                job.request_id,
+                queue_ms=final.queue_ms,
+                ttft_ms=final.ttft_ms,
+                total_ms=final.total_ms if final.finish_reason != "cancelled" else None,
+                completion_tokens=final.completion_tokens,
+            )
         if final.finish_reason in ("cancelled", "error"):
             return
         self.metrics.observe_finished(

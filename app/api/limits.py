@@ -40,6 +40,14 @@ def max_new_tokens(settings: Settings, value: int | None, field: str) -> int:
     return n
 
 
+def check_token_ids(state: AppState, ids: list[int], field: str) -> None:
+    assert state.engine is not None
+    vocab = state.engine.info.vocab_size
+    bad = next((t for t in ids if not 0 <= t < vocab), None)
+    if bad is not None:
+        raise validation_error(field, f"has token id {bad}; ids must be in 0..{vocab - 1}")
+
+
 def context_length(state: AppState) -> int:
     assert state.engine is not None
     limit = state.engine.info.max_seq_len

@@ -2,16 +2,17 @@
 
 Follows OpenAI's field names and defaults (``max_tokens`` 16 for completions, ``temperature`` 1),
 ignores fields that clients send by habit (``user``, ``logit_bias`` when empty, ...), refuses with
-422 the options that would silently change the meaning (``n`` > 1, ``logprobs``, tools, penalties),
-and takes SortedServe's extensions ``budget_ms``, ``exit_layer`` and ``top_k``
-(``extra_body`` in the official client).
+422 the options that would silently change the meaning (``n`` > 1, chat ``logprobs``, tools,
+penalties), and takes SortedServe's extensions ``budget_ms``, ``exit_layer`` and ``top_k``
+(``extra_body`` in the official client). Completions take ``logprobs`` (top-N, at most
+:data:`MAX_LOGPROBS`) and ``echo`` with OpenAI's legacy meaning, and a prompt of token ids.
 """
 
 from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from app.api.schemas import (
     EXIT_OR_BUDGET,
@@ -21,8 +22,10 @@ from app.api.schemas import (
     PositiveInt,
     Seed,
     StopString,
-    Zero,
 )
+
+MAX_LOGPROBS = 5  # as OpenAI's legacy completions: the most alternatives per token
+TokenIds = Annotated[list[NonNegativeInt], Field(min_length=1)]
 
 
 class OpenAIModel(BaseModel):
@@ -62,18 +65,47 @@ class _Common(OpenAIModel):
 
 
 class CompletionRequest(_Common):
-    prompt: str | Annotated[list[str], Field(min_length=1, max_length=1)] = Field(
-        description="one prompt (a string, or a list holding one string)"
+    prompt: (
+        str
+        | Annotated[list[str], Field(min_length=1, max_length=1)]
+        | TokenIds
+        | Annotated[list[TokenIds], Field(min_length=1, max_length=1)]
+    ) = Field(description="one prompt: a string, or token ids (either also as a list holding one)")
+    # (echo before max_tokens: max_tokens' check reads it)
+    echo: bool = Field(False, description="the text and, with logprobs, the scores of the prompt")
+    logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = Field(
+        None,
+        description=f"log-probabilities of each token and of its N most likely alternatives "
+        f"(N at most {MAX_LOGPROBS}), under the exit the request runs at",
     )
-    max_tokens: PositiveInt | None = 16
-    echo: FalseOnly = Field(False, description="not supported: must be false")
-    logprobs: Zero | None = Field(None, description="not supported: 0 or null")
+    max_tokens: NonNegativeInt | None = Field(16, description="0 only with echo: score the prompt")
     best_of: One | None = None
     suffix: str | None = Field(None, max_length=0, description="not supported")
 
+    @field_validator("max_tokens")
+    @classmethod
+    def _zero_only_with_echo(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value == 0 and not info.data.get("echo"):
+            raise ValueError("0 is accepted only with echo: true (to score the prompt)")
+        return value
+
     @property
-    def prompt_text(self) -> str:
-        return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
+    def prompt_text(self) -> str | None:
+        """The prompt as text (None when it is token ids)."""
+        prompt = self._one_prompt()
+        return prompt if isinstance(prompt, str) else None
+
+    @property
+    def prompt_ids(self) -> list[int] | None:
+        """The prompt as token ids (None when it is text)."""
+        prompt = self._one_prompt()
+        return None if isinstance(prompt, str) else prompt
+
+    def _one_prompt(self) -> str | list[int]:
+        p = self.prompt
+        if isinstance(p, list) and isinstance(p[0], str | list):
+            return p[0]  # type: ignore[return-value]
+        return p  # type: ignore[return-value]
 
 
 class ResponseFormat(OpenAIModel):

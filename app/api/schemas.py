@@ -24,7 +24,6 @@ PositiveInt = Annotated[int, Field(ge=1), BeforeValidator(_whole_number)]
 NonNegativeInt = Annotated[int, Field(ge=0), BeforeValidator(_whole_number)]
 Seed = Annotated[int, Field(ge=0, le=SEED_MAX), BeforeValidator(_whole_number)]
 One = Annotated[int, Field(ge=1, le=1), BeforeValidator(_whole_number)]
-Zero = Annotated[int, Field(ge=0, le=0), BeforeValidator(_whole_number)]
 
 
 def _must_be_false(value: bool) -> bool:

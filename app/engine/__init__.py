@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from app.engine.config import EngineConfig
 from app.engine.types import (
+    Alternative,
     Downgrade,
     EngineClosedError,
     EngineProtocol,
@@ -24,12 +25,14 @@ from app.engine.types import (
     StepHook,
     StepReport,
     TokenEvent,
+    TokenLogprob,
 )
 
 if TYPE_CHECKING:
     from app.engine.engine import Engine
 
 __all__ = [
+    "Alternative",
     "Downgrade",
     "Engine",
     "EngineClosedError",
@@ -45,6 +48,7 @@ __all__ = [
     "StepHook",
     "StepReport",
     "TokenEvent",
+    "TokenLogprob",
 ]
 
 

@@ -13,10 +13,10 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 
-from app.engine.request_state import RequestState, RowSampling
+from app.engine.request_state import RequestState, RowSampling, Scores
 from app.engine.types import Event, FinishReason, RowState, StepReport
 
 logger = logging.getLogger(__name__)
@@ -40,6 +40,9 @@ class StepInputs:
     tokens: list[int]  # each row's newest token
     kv_len: int  # positions any row attends to
     sampled: list[tuple[int, RowSampling]]  # non-greedy rows
+    scored: list[tuple[int, int]] = field(
+        default_factory=list
+    )  # (row, alternatives) wanting logprobs
 
 
 class Batch:
@@ -85,11 +88,27 @@ class Batch:
         state.prefill_start = time.perf_counter()
         return state
 
-    def joined(self, state: RequestState, token: int, now: float) -> None:
-        """``state``'s prefill chose ``token``: it runs from the next step unless already done."""
+    def joined(
+        self,
+        state: RequestState,
+        token: int | None,
+        now: float,
+        scores: Scores | None = None,
+        prompt_scores: Sequence[Scores] | None = None,
+    ) -> None:
+        """``state``'s prefill chose ``token``: it runs from the next step unless already done.
+
+        ``token`` is None when the request only scores its prompt: it ends here (``length``).
+        """
         self.running.append(state)
         self._dirty = True
-        self.accept(state, token, now)
+        if prompt_scores is not None:
+            state.score_prompt(prompt_scores)
+        if token is None:
+            state.first_token_at = state.last_token_at = now
+            self.finish(state, "length")
+        else:
+            self.accept(state, token, now, scores)
 
     # -- layout and steps -------------------------------------------------------------------------
     def lower(self, state: RequestState, exit_layer: object) -> None:
@@ -122,21 +141,34 @@ class Batch:
     def step_inputs(self) -> StepInputs:
         running = self.running
         sampled = []
+        scored = []
         for i, state in enumerate(running):
             params = state.next_sampling()
             if params is not None:
                 sampled.append((i, params))
+            if state.request.sampling.logprobs is not None:
+                scored.append((i, state.request.sampling.logprobs))
         return StepInputs(
-            [s.generated[-1] for s in running], max(s.position for s in running) + 1, sampled
+            [s.generated[-1] for s in running],
+            max(s.position for s in running) + 1,
+            sampled,
+            scored,
         )
 
-    def stepped(self, tokens: Sequence[int], now: float, seconds: float) -> StepReport:
-        """Post-process one decode step's tokens (row order); the step's report."""
+    def stepped(
+        self,
+        tokens: Sequence[int],
+        now: float,
+        seconds: float,
+        scores: Mapping[int, Scores] | None = None,
+    ) -> StepReport:
+        """Post-process one decode step's tokens and scores (by row); the step's report."""
         stepped = list(self.running)
         exits = tuple(s.exit_layer for s in stepped)
-        for state, token in zip(stepped, tokens, strict=True):
+        scores = scores or {}
+        for i, (state, token) in enumerate(zip(stepped, tokens, strict=True)):
             try:
-                self.accept(state, token, now)
+                self.accept(state, token, now, scores.get(i))
             except Exception as exc:
                 logger.exception("post-processing failed for %s", state.request_id)
                 self.finish(state, "error", error=f"post-processing failed: {exc}")
@@ -151,8 +183,10 @@ class Batch:
         )
 
     # -- tokens and endings -----------------------------------------------------------------------
-    def accept(self, state: RequestState, token: int, now: float) -> None:
-        event, reason = state.accept(token, now, self.eos, self.max_seq_len)
+    def accept(
+        self, state: RequestState, token: int, now: float, scores: Scores | None = None
+    ) -> None:
+        event, reason = state.accept(token, now, self.eos, self.max_seq_len, scores)
         self._emit(state, event)
         if reason is not None:
             self.finish(state, reason)

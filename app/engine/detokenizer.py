@@ -40,6 +40,15 @@ class IncrementalDecoder:
             return text[len(prefix) :]
         return ""
 
+    def peek(self, token_ids: Sequence[int]) -> list[str]:
+        """The text each of ``token_ids`` would add next, held-back text included (for scoring
+        alternatives; nothing is consumed). May end in U+FFFD where a character is incomplete."""
+        if not token_ids:
+            return []
+        window = self._ids[self._prefix_offset :]
+        prefix = self._decode(self._ids[self._prefix_offset : self._read_offset])
+        return [self._decode([*window, t])[len(prefix) :] for t in token_ids]
+
     def flush(self) -> str:
         """Whatever is still held back (an invalid byte sequence shows as U+FFFD)."""
         prefix = self._decode(self._ids[self._prefix_offset : self._read_offset])

@@ -201,7 +201,17 @@ class Engine:
                 any(not 0 <= t < info.vocab_size for t in request.prompt_ids),
                 f"the prompt has token ids outside 0..{info.vocab_size - 1}",
             ),
-            (p.max_new_tokens < 1, "max_new_tokens must be at least 1"),
+            (
+                p.max_new_tokens < (0 if p.prompt_logprobs is not None else 1),
+                "max_new_tokens must be at least 1 (0 only with prompt_logprobs)",
+            ),
+            (
+                any(
+                    n is not None and not 0 <= n <= info.vocab_size
+                    for n in (p.logprobs, p.prompt_logprobs)
+                ),
+                f"logprobs and prompt_logprobs must be in 0..{info.vocab_size}",
+            ),
             (
                 p.temperature < 0 or not 0 < p.top_p <= 1 or p.top_k < 0,
                 "temperature must be >= 0, top_p in (0, 1] and top_k >= 0",

@@ -61,15 +61,25 @@ class EngineLoop:
     def admit(self) -> None:
         """Prefill waiting requests into free rows; each sends its first token at once."""
         while (state := self.batch.next_admission()) is not None:
+            p = state.request.sampling
+            generate = p.max_new_tokens > 0  # 0: only score the prompt
             try:
-                token = self.runner.prefill(
-                    state.row, state.request.prompt_ids, state.exit_layer, state.next_sampling()
+                out = self.runner.prefill(
+                    state.row,
+                    state.request.prompt_ids,
+                    state.exit_layer,
+                    state.next_sampling() if generate else None,
+                    logprobs=p.logprobs,
+                    prompt_logprobs=p.prompt_logprobs,
+                    generate=generate,
+                )
+                self.batch.joined(
+                    state, out.token, time.perf_counter(), out.scores, out.prompt_scores
                 )
             except Exception as exc:
                 logger.exception("prefill failed for %s", state.request_id)
                 self.batch.finish(state, "error", error=f"prefill failed: {exc}")
                 continue
-            self.batch.joined(state, token, time.perf_counter())
             self.post()
 
     def step(self) -> None:
@@ -82,14 +92,16 @@ class EngineLoop:
                     layout.moves, layout.copy_len, layout.positions, layout.exits
                 )
             inputs = batch.step_inputs()
-            tokens = self.runner.decode(inputs.tokens, inputs.kv_len, inputs.sampled)
+            tokens, scores = self.runner.decode(
+                inputs.tokens, inputs.kv_len, inputs.sampled, inputs.scored
+            )
         except Exception as exc:
             logger.exception("decode step failed; failing its %d requests", len(batch.running))
             for state in list(batch.running):
                 batch.finish(state, "error", error=f"decode step failed: {exc}")
             return
         now = time.perf_counter()
-        report = batch.stepped(tokens, now, now - start)
+        report = batch.stepped(tokens, now, now - start, scores)
         if self.step_hook is not None:
             self.report(report)
 

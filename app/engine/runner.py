@@ -1,8 +1,9 @@
 """The model runner: the only part of the engine loop that touches torch.
 
 It owns the model, the KV cache and the device-side position buffer, and speaks plain Python to
-the loop: token ids and row counts in, chosen token ids out. One decode step is one call with one
-host read (the chosen tokens); everything else stays on the device. A later CUDA-graph or
+the loop: token ids and row counts in, chosen token ids (and, for rows that ask, their
+log-probabilities) out. One decode step is one call with one host read (the chosen tokens; one
+more when a row wants log-probabilities); everything else stays on the device. A later CUDA-graph or
 ``torch.compile`` path for fixed batch sizes belongs here, behind the same two methods.
 """
 
@@ -14,7 +15,9 @@ from collections.abc import Iterator, Sequence
 import torch
 
 from app.engine.kv_cache import KVCache
+from app.engine.logprobs import token_scores
 from app.engine.model import Transformer
+from app.engine.request_state import Prefilled, Scores
 from app.engine.sampling import RowSampling, sample
 
 
@@ -45,12 +48,34 @@ class ModelRunner:
             yield
 
     def prefill(
-        self, row: int, prompt_ids: Sequence[int], exit_layer: int, sampling: RowSampling | None
-    ) -> int:
-        """Fill cache row ``row`` with the prompt through ``exit_layer`` layers; the first token."""
+        self,
+        row: int,
+        prompt_ids: Sequence[int],
+        exit_layer: int,
+        sampling: RowSampling | None,
+        logprobs: int | None = None,
+        prompt_logprobs: int | None = None,
+        generate: bool = True,
+    ) -> Prefilled:
+        """Fill cache row ``row`` with the prompt through ``exit_layer`` layers; the first token
+        (unless not ``generate``), with its scores for ``logprobs`` alternatives and the prompt's
+        for ``prompt_logprobs`` (the head then runs over every position), each when not None."""
         ids = torch.tensor(list(prompt_ids), dtype=torch.long, device=self.device)
-        logits = self.model.prefill(ids, exit_layer, self.cache, row)
-        return int(sample(logits, [(0, sampling)] if sampling else []).item())
+        every = prompt_logprobs is not None
+        logits = self.model.prefill(ids, exit_layer, self.cache, row, all_logits=every)
+        last = logits[-1:]
+        token: int | None = None
+        scores: Scores | None = None
+        if generate:
+            chosen = sample(last, [(0, sampling)] if sampling else [])
+            token = int(chosen.item())
+            if logprobs is not None:
+                scores = token_scores(last, chosen, [logprobs])[0]
+        prompt_scores = None
+        if every:  # position i predicts token i + 1; the logits become log-probabilities
+            n = ids.shape[0] - 1
+            prompt_scores = token_scores(logits[:n], ids[1:], [prompt_logprobs] * n, in_place=True)
+        return Prefilled(token, scores, prompt_scores)
 
     def set_layout(
         self,
@@ -78,9 +103,14 @@ class ModelRunner:
         self._n = n
 
     def decode(
-        self, tokens: Sequence[int], kv_len: int, sampled: Sequence[tuple[int, RowSampling]]
-    ) -> list[int]:
-        """One step for rows ``0..n-1`` (``tokens[i]`` is row ``i``'s newest token)."""
+        self,
+        tokens: Sequence[int],
+        kv_len: int,
+        sampled: Sequence[tuple[int, RowSampling]],
+        scored: Sequence[tuple[int, int]] = (),
+    ) -> tuple[list[int], dict[int, Scores]]:
+        """One step for rows ``0..n-1`` (``tokens[i]`` is row ``i``'s newest token): the chosen
+        tokens, and the scores of the ``scored`` rows (``(row, alternatives)`` pairs) by row."""
         n = self._n
         ids = self._next_ids
         if ids is None:
@@ -96,4 +126,12 @@ class ModelRunner:
         index += 1
         mask.index_put_((self._rows[:n], positions), self._zero)
         self._next_ids = chosen
-        return chosen.tolist()
+        scores: dict[int, Scores] = {}
+        if scored:
+            rows = [r for r, _ in scored]
+            picked = torch.tensor(rows, device=self.device)
+            found = token_scores(  # (indexing copied the rows: in place is safe)
+                logits[picked], chosen[picked], [k for _, k in scored], in_place=True
+            )
+            scores = dict(zip(rows, found, strict=True))
+        return chosen.tolist(), scores

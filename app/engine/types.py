@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal, Protocol, runtime_checkable
+from typing import Literal, NamedTuple, Protocol, runtime_checkable
 
 FinishReason = Literal["length", "stop", "eos", "cancelled", "error"]
 
@@ -25,6 +25,14 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False  # keep generating past EOS (benchmarks); EOS is then an ordinary token
+    # Log-probabilities under the request's exit, of the model's raw distribution (before
+    # temperature / top-k / top-p): ``logprobs`` for each generated token, ``prompt_logprobs``
+    # for each prompt token after the first (the prefill then keeps every position's logits).
+    # The number is how many most likely alternatives to report besides the token (0: none);
+    # None asks for nothing. ``max_new_tokens`` may be 0 when ``prompt_logprobs`` is set: the
+    # prompt is scored and nothing is generated.
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
 
 
 @dataclass
@@ -36,12 +44,38 @@ class GenerationRequest:
     arrival_time: float | None = None  # time.perf_counter() at arrival; set by the engine if None
 
 
+class Alternative(NamedTuple):
+    """One of the most likely tokens at a position."""
+
+    token_id: int
+    text: str  # what it would add to the text there
+    logprob: float
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One token's log-probability under the exit it was scored at, and the best alternatives.
+
+    ``text`` is what the token adds to the decoded text in its context (``""`` while a UTF-8
+    character is incomplete: the token that completes it carries the character), so the texts of
+    consecutive tokens concatenate to the decoded text.
+    """
+
+    token_id: int
+    text: str
+    logprob: float | None  # None for the first prompt token: nothing predicts it
+    top: tuple[Alternative, ...] = ()  # the most likely tokens, best first
+
+
 @dataclass(frozen=True)
 class TokenEvent:
     index: int  # 0-based position among the generated tokens
     text: str  # newly decodable text ("" while a UTF-8 character is incomplete)
     token_id: int
     exit_layer: int
+    logprobs: TokenLogprob | None = None  # when ``SamplingParams.logprobs`` is set
+    # when ``SamplingParams.prompt_logprobs`` is set: on the first event only (and the final one)
+    prompt_logprobs: tuple[TokenLogprob, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -66,6 +100,8 @@ class FinalEvent:
     total_ms: float  # arrival → last token
     ms_per_token: float  # mean decode time per token after the first
     error: str | None = None
+    logprobs: tuple[TokenLogprob, ...] | None = None  # every generated token's, when asked
+    prompt_logprobs: tuple[TokenLogprob, ...] | None = None  # every prompt token's, when asked
 
 
 @dataclass(frozen=True)

@@ -41,12 +41,27 @@ async def completions(body: CompletionRequest, request: Request, service: Servic
         body,
         request.scope.get(ARRIVAL_KEY, time.perf_counter()),
         text=body.prompt_text,
+        token_ids=body.prompt_ids,
         max_new_tokens=body.max_tokens,
+        logprobs=body.logprobs,
+        prompt_logprobs=_prompt_logprobs(body),
         max_field="max_tokens",
         id_prefix="cmpl",
     )
-    shape = OpenAIShape(service, job, "completion", _include_usage(body))
+    shape = OpenAIShape(
+        service, job, "completion", _include_usage(body), body.echo, body.prompt_text
+    )
     return await respond(service, job, request, shape, body.stream)
+
+
+def _prompt_logprobs(body: CompletionRequest) -> int | None:
+    """Echo scores the prompt when logprobs are asked for; it also does (for their text) with a
+    prompt of token ids, and when nothing is generated (the engine then only scores)."""
+    if not body.echo:
+        return None
+    if body.logprobs is not None:
+        return body.logprobs
+    return 0 if body.prompt_ids is not None or body.max_tokens == 0 else None
 
 
 @router.post(
