@@ -39,6 +39,12 @@ class Settings(BaseSettings):
     profile_cache_dir: Path = Field(default_factory=default_cache_dir)
     profile_batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16)
     reprofile: bool = Field(False, description="measure the latency profile even when cached")
+    profile_depths: int = Field(
+        3, ge=0, description="exits measured at start-up (the rest fitted); 0 measures all"
+    )
+    profile_max_s: float = Field(
+        15.0, gt=0, description="seconds the start-up profile may take (batch 1 always runs)"
+    )
     budget_headroom: float = Field(
         0.9, gt=0, le=1, description="pick exits predicted to finish within budget_ms × this"
     )

@@ -41,6 +41,7 @@ class FakeEngine:
         self.step_hook = step_hook
         self.gate = gate
         self.profiled = 0
+        self.profile_args: tuple[int, float] | None = None
         self.cancelled: list[str] = []
         self.info = ModelInfo(
             model_id="fake",
@@ -69,7 +70,10 @@ class FakeEngine:
     def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
         return self.encode(" ".join(m["content"] for m in messages))
 
-    def measure_profile(self, batch_sizes: list[int], **_: Any) -> list[ProfilePoint]:
+    def measure_profile(
+        self, batch_sizes: list[int], *, depths: int = 0, max_seconds: float = 0, **_: Any
+    ) -> list[ProfilePoint]:
+        self.profile_args = (depths, max_seconds)
         if self.gate is not None:
             self.gate.wait(10)
         self.profiled += 1
@@ -277,6 +281,7 @@ def test_profile_is_cached_between_starts(tmp_path: Path, engines: list[FakeEngi
             sources.append(c.get("/info").json()["latency_profile"]["source"])
     assert sources == ["measured", "cache"]
     assert [e.profiled for e in engines] == [1, 0]
+    assert engines[0].profile_args == (3, 15.0)  # the settings' defaults reach the engine
     with TestClient(create_app(make_settings(tmp_path, reprofile=True), loader)) as c:
         wait_ready(c)
         assert c.get("/info").json()["latency_profile"]["source"] == "measured"

@@ -20,7 +20,7 @@ from fastapi import FastAPI
 
 from app.api.profile_cache import load_profile, profile_key, save_profile
 from app.api.state import AppState
-from app.scheduler import DepthScheduler, LatencyProfile, SchedulerConfig
+from app.scheduler import DepthScheduler, LatencyProfile, SchedulerConfig, fill_exits
 from app.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -88,13 +88,22 @@ def prepare(state: AppState, loader: EngineLoader) -> None:
     max_slots = engine.stats().max_slots
     sizes = profile_batch_sizes(settings, max_slots)
     key = profile_key(
-        settings.model, info.device, info.dtype, settings.torch_threads, sizes, max_slots
+        settings.model,
+        info.device,
+        info.dtype,
+        settings.torch_threads,
+        sizes,
+        max_slots,
+        settings.profile_depths,
     )
     profile = None if settings.reprofile else load_profile(settings.profile_cache_dir, key)
     state.profile_source = "cache"
     if profile is None:
         t0 = time.perf_counter()
-        profile = LatencyProfile(engine.measure_profile(list(sizes)))
+        points = engine.measure_profile(
+            list(sizes), depths=settings.profile_depths, max_seconds=settings.profile_max_s
+        )
+        profile = LatencyProfile(fill_exits(points, info.exits))
         logger.info("measured the latency profile in %.1f s", time.perf_counter() - t0)
         save_profile(settings.profile_cache_dir, key, profile)
         state.profile_source = "measured"

@@ -19,7 +19,7 @@ from app.scheduler import LatencyProfile, ProfileError
 
 logger = logging.getLogger(__name__)
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: profiles measured at a few exits, the rest fitted
 
 
 def profile_key(
@@ -29,6 +29,7 @@ def profile_key(
     torch_threads: int | None,
     batch_sizes: tuple[int, ...],
     max_slots: int,
+    depths: int = 0,
 ) -> dict[str, Any]:
     model_dir = model_dir.resolve()
     weights = sorted(model_dir.glob("*.safetensors")) or sorted(model_dir.glob("*.bin"))
@@ -41,6 +42,7 @@ def profile_key(
         "torch_threads": torch_threads or f"default/{os.cpu_count()}",
         "batch_sizes": list(batch_sizes),
         "max_slots": max_slots,
+        "profile_depths": depths,
     }
 
 
@@ -56,6 +58,7 @@ def load_profile(cache_dir: Path, key: dict[str, Any]) -> LatencyProfile | None:
     try:
         data = json.loads(path.read_text())
         if data.get("key") != key:
+            logger.warning("ignoring the profile cache %s: it is for other settings", path)
             return None
         return LatencyProfile.from_json(data["profile"])
     except (OSError, ValueError, KeyError, TypeError, ProfileError) as exc:

@@ -34,6 +34,12 @@ _FLAGS: dict[str, tuple[str, Any, str]] = {
     "--max-new-tokens-limit": ("max_new_tokens_limit", int, "largest max_new_tokens accepted"),
     "--drain-timeout": ("drain_timeout_s", float, "seconds in-flight requests may finish on stop"),
     "--profile-cache-dir": ("profile_cache_dir", Path, "where measured latency profiles are kept"),
+    "--profile-depths": (
+        "profile_depths",
+        int,
+        "exits timed at start-up, the others fitted (default: 3; 0 times every exit)",
+    ),
+    "--profile-max-s": ("profile_max_s", float, "cap on the start-up profile's seconds (15)"),
     "--budget-headroom": ("budget_headroom", float, "choose exits predicted within budget × this"),
 }
 

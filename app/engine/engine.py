@@ -112,9 +112,16 @@ class Engine:
 
     # -- lifecycle --------------------------------------------------------------------------------
     def measure_profile(
-        self, batch_sizes: Sequence[int], prompt_tokens: int = 64, decode_steps: int = 8
+        self,
+        batch_sizes: Sequence[int],
+        *,
+        depths: int = 0,
+        max_seconds: float = float("inf"),
+        prompt_tokens: int = 64,
+        decode_steps: int = 8,
     ) -> list[ProfilePoint]:
-        """Per trained exit: prefill ms per prompt token and decode ms per step by batch size.
+        """Prefill ms per prompt token and decode ms per step by batch size, at ``depths`` exits
+        spread over the trained ones (0: all), with the batch sizes that fit in ``max_seconds``.
 
         Runs before :meth:`start` (as the server does), or after it while no request is live:
         it holds the mailbox's lock, so the worker stays idle and new requests wait.
@@ -124,7 +131,9 @@ class Engine:
             if self._mailbox.live:
                 raise RuntimeError("cannot measure the latency profile while requests run")
             with runner.inference():
-                return measure_profile(runner, self.info, batch_sizes, prompt_tokens, decode_steps)
+                return measure_profile(
+                    runner, self.info, batch_sizes, prompt_tokens, decode_steps, depths, max_seconds
+                )
 
     def start(self) -> None:
         """Start the worker thread (idempotent)."""

@@ -1,7 +1,7 @@
 """Latency-budget depth scheduling (pure Python; see depth_scheduler.py and profile.py)."""
 
 from app.scheduler.depth_scheduler import Decision, DepthScheduler, SchedulerConfig, SchedulingError
-from app.scheduler.profile import ExitCost, LatencyProfile, ProfileError
+from app.scheduler.profile import ExitCost, LatencyProfile, ProfileError, fill_exits
 
 __all__ = [
     "Decision",
@@ -11,4 +11,5 @@ __all__ = [
     "ProfileError",
     "SchedulerConfig",
     "SchedulingError",
+    "fill_exits",
 ]

@@ -9,6 +9,8 @@ exit is ≥ *l*, so a batch that mixes exits is modelled per layer::
 ``overhead_ms(b)`` and ``layer_ms(b)`` come from a robust line (repeated median) through the
 measured homogeneous steps ``decode_ms(exit, b) ≈ overhead_ms(b) + exit × layer_ms(b)`` at each
 measured batch size, interpolated linearly between batch sizes (extended along the last segment).
+The engine measures only a few exits at start-up; :func:`fill_exits` puts the other exits on the
+same lines (prefill per token too), so that a 30-exit model profiles as fast as a 3-exit one.
 """
 
 from __future__ import annotations
@@ -36,6 +38,39 @@ class ExitCost:
     exit_layer: int
     prefill_ms_per_token: float
     decode_ms_by_batch: dict[int, float] = field(default_factory=dict)
+    fitted: bool = False  # predicted from the measured exits, not measured itself
+
+
+def fill_exits(
+    points: Iterable[ProfilePointLike | ExitCost], exits: Sequence[int]
+) -> list[ExitCost]:
+    """Costs for every exit of ``exits`` from points measured at some of them.
+
+    Per batch size, ``decode_ms(k) = overhead + k × layer`` through the measured exits, and
+    ``prefill_ms_per_token(k)`` likewise (robust lines, :func:`_fit_line`); a measured exit
+    keeps its own numbers. Only batch sizes measured at every point are used.
+    """
+    measured = {int(p.exit_layer): p for p in points}
+    if not measured:
+        raise ProfileError("the latency profile has no measured exits")
+    sizes = set.intersection(*(set(map(int, p.decode_ms_by_batch)) for p in measured.values()))
+    if not sizes:
+        raise ProfileError("the measured exits share no decode batch size")
+    lines = {
+        b: _fit_line([(k, float(p.decode_ms_by_batch[b])) for k, p in measured.items()])
+        for b in sorted(sizes)
+    }
+    prefill = _fit_line([(k, float(p.prefill_ms_per_token)) for k, p in measured.items()])
+    costs = []
+    for k in sorted(set(exits)):
+        p = measured.get(k)
+        if p is not None:
+            decode = {b: float(p.decode_ms_by_batch[b]) for b in sorted(sizes)}
+            costs.append(ExitCost(k, float(p.prefill_ms_per_token), decode))
+        else:
+            decode = {b: a + k * s for b, (a, s) in lines.items()}
+            costs.append(ExitCost(k, prefill[0] + k * prefill[1], decode, fitted=True))
+    return costs
 
 
 def _interpolate(xs: Sequence[int], ys: Sequence[float], x: float) -> float:
@@ -82,6 +117,7 @@ class LatencyProfile:
                 exit_layer=int(p.exit_layer),
                 prefill_ms_per_token=float(p.prefill_ms_per_token),
                 decode_ms_by_batch={int(b): float(ms) for b, ms in p.decode_ms_by_batch.items()},
+                fitted=bool(getattr(p, "fitted", False)),
             )
             for p in points
         ]
@@ -154,6 +190,7 @@ class LatencyProfile:
                 "decode_ms_by_batch": {
                     str(b): round(ms, 4) for b, ms in c.decode_ms_by_batch.items()
                 },
+                **({"fitted": True} if c.fitted else {}),
             }
             for c in self._costs.values()
         ]
@@ -170,6 +207,7 @@ class LatencyProfile:
                     decode_ms_by_batch={
                         int(b): float(ms) for b, ms in item["decode_ms_by_batch"].items()
                     },
+                    fitted=bool(item.get("fitted", False)),
                 )
                 for item in data
             )
