@@ -5,31 +5,23 @@ request arrives and :meth:`DepthScheduler.finish` when it ends; the engine threa
 :meth:`DepthScheduler.on_step` after every decode step (through the engine's ``step_hook``), with a
 report shaped like ``app.engine.types.StepReport``.
 
-The batch sets the pace. Every row of a decode step waits for the step's deepest layer, so all
-running requests get their tokens at one rate, ``pace = token_ms(exits in the batch)`` (see
-online.py). A budgeted request with ``remaining`` tokens still to make needs
-``pace ≤ (budget_ms − elapsed) / remaining``.
+How it decides, and where each part lives:
 
-- **At arrival**, the prediction for exit *k* is ``expected queue wait + prefill(k) + decode steps
-  × pace(batch with the newcomer at k)``. The deepest *k* wins whose prediction fits
-  ``budget_ms × headroom`` and whose pace does not make a running budgeted request late. If none
-  fits as the batch is, the same search runs again assuming the budgeted rows deeper than *k* are
-  lowered to *k* (the next step's re-check does that). If still none fits: the shallowest exit,
-  flagged ``feasible=False``.
-- **After every step**, when the pace is too slow for some running request, the deepest budgeted
-  rows are lowered one exit at a time until the pace fits every request that can still be saved
-  (with headroom); a request that cannot make it even with the whole batch at the shallowest exit
-  goes there and no longer holds the others back. Exits only ever go down; requests without a
-  budget (or with ``exit_layer``) are never moved.
-- **After every request**, the safety margin learns from the outcome: a feasible request that
-  missed its budget shrinks the margin applied to ``headroom`` and ``recheck`` (the machine is
-  noisier than the model knows); every met one grows it back a little, so that in steady state
-  about ``miss_target`` of feasible requests miss.
+- **At arrival** (here), the prediction for exit *k* is ``expected queue wait + prefill(k) + decode
+  steps × pace(batch with the newcomer at k)``, where the pace is the time between two tokens of the
+  batch (online.py) and the wait and the batch come from the load picture (load.py). The deepest
+  *k* wins whose prediction fits ``budget_ms × headroom`` and whose pace does not make a running
+  budgeted request late. If none fits as the batch is, the same search runs again assuming the
+  budgeted rows deeper than *k* are lowered to *k* (the next step's re-check does that). If still
+  none fits: the shallowest exit, flagged ``feasible=False``.
+- **After every step**, the step model learns from the report (online.py) and the re-check lowers
+  the exits of a batch too slow for someone's budget (recheck.py).
+- **After every request**, the prediction bias and the safety margin learn from its outcome
+  (calibration.py).
 """
 
 from __future__ import annotations
 
-import heapq
 import logging
 import math
 import threading
@@ -37,9 +29,12 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from app.scheduler.calibration import Calibration
+from app.scheduler.load import decode_steps, load_picture, pending_prefill_ms
 from app.scheduler.online import StepLatencyModel, StepReportLike
 from app.scheduler.plans import Decision, Plan, SchedulerConfig, SchedulingError
 from app.scheduler.profile import LatencyProfile
+from app.scheduler.recheck import lower_exits
 from app.scheduler.tracked import Tracked
 
 logger = logging.getLogger(__name__)
@@ -69,8 +64,7 @@ class DepthScheduler:
         self.steps_seen = 0
         self.lowered = 0  # exits lowered by the per-step re-check
         self.abandoned = 0  # requests judged unable to meet their budget while running
-        self.margin = 1.0  # learnt safety margin on headroom and recheck (≤ 1)
-        self._log_bias = 0.0  # EWMA of log(actual / model prediction) of whole requests
+        self.calibration = Calibration(self.config)
 
     # -- arrival -----------------------------------------------------------------------------
     def decide(
@@ -124,9 +118,9 @@ class DepthScheduler:
             raise SchedulingError(f"exit_layer {exit_layer} is not a trained exit {trained}")
         if budget_ms is not None and not budget_ms > 0:
             raise SchedulingError("budget_ms must be > 0")
-        wait_ms, co_plans = self._load_picture()
+        wait_ms, co_plans = load_picture(self._tracked, self.latency, self.config)
         batch = len(co_plans) + 1
-        steps = self._decode_steps(max_new_tokens)
+        steps = decode_steps(self.config, max_new_tokens)
 
         def predict(k: int, capped: bool) -> tuple[float, float]:
             exits = [
@@ -140,7 +134,7 @@ class DepthScheduler:
             k = exit_layer if exit_layer is not None else self.exits[-1]
             reason = "exit_layer" if exit_layer is not None else "no_budget"
             return Decision(k, predict(k, False)[0], budget_ms, True, wait_ms, batch, reason)
-        target = budget_ms * self._headroom
+        target = budget_ms * self.calibration.headroom
         for capped in (False, True):
             for k in reversed(self.exits):
                 predicted, pace = predict(k, capped)
@@ -159,50 +153,20 @@ class DepthScheduler:
         floor = self.latency.token_ms(
             [shallowest if p.lowerable else p.exit_layer for p in co_plans] + [shallowest]
         )
-        pending = self._pending_prefill_ms()
+        pending = pending_prefill_ms(self._tracked, self.latency, self.config.max_slots)
         paces = [
-            p.allowed_pace(now, self._tracked.generated(p), self._headroom, pending + stall_ms)
+            p.allowed_pace(
+                now, self._tracked.generated(p), self.calibration.headroom, pending + stall_ms
+            )
             for p in co_plans
             if self._tracked.is_running(p)
         ]
         return min((pace for pace in paces if pace >= floor), default=math.inf)
 
-    def _pending_prefill_ms(self) -> float:
-        """Prefills due before the next step: waiting requests that will get a free slot."""
-        free = max(self.config.max_slots - self._tracked.running_count, 0)
-        waiting = self._tracked.waiting()[:free]
-        return sum(self.latency.prefill_ms(p.exit_layer, p.prompt_tokens) for p in waiting)
-
-    def _decode_steps(self, max_new_tokens: int) -> int:
-        return max(max_new_tokens - (1 if self.config.prefill_emits_token else 0), 0)
-
-    def _load_picture(self) -> tuple[float, list[Plan]]:
-        """Expected wait before a newcomer's prefill, and the requests it will share a batch with.
-
-        Slots are simulated: running requests free theirs after their remaining steps, waiting
-        requests take free slots in arrival order (their prefills run before the newcomer's).
-        """
-        running, waiting = self._tracked.running(), self._tracked.waiting()
-        slots = self.config.max_slots
-        co_plans = (running + waiting)[: max(slots - 1, 0)]
-        pace = self.latency.token_ms([p.exit_layer for p in co_plans])
-        free_at = [(p.max_new_tokens - self._tracked.generated(p)) * pace for p in running][:slots]
-        free_at += [0.0] * (slots - len(free_at))
-        heapq.heapify(free_at)
-        prefills = 0.0
-        for p in waiting:
-            start = heapq.heappop(free_at)
-            prefill = self.latency.prefill_ms(p.exit_layer, p.prompt_tokens)
-            prefills += prefill
-            heapq.heappush(free_at, start + prefill + self._decode_steps(p.max_new_tokens) * pace)
-        # a newcomer also waits for the step in progress to end (half of one, on average)
-        in_progress = pace / 2 if running else 0.0
-        return free_at[0] + prefills + in_progress, co_plans
-
     def expected_wait_ms(self) -> float:
         """How long a request arriving now would wait for a slot (used for ``Retry-After``)."""
         with self._lock:
-            return self._load_picture()[0]
+            return load_picture(self._tracked, self.latency, self.config)[0]
 
     # -- departure ---------------------------------------------------------------------------
     def finish(
@@ -221,33 +185,18 @@ class DepthScheduler:
                 return
             if queue_ms is not None and ttft_ms is not None:
                 self.latency.learn_prefill(plan.exit_layer, plan.prompt_tokens, ttft_ms - queue_ms)
-            if total_ms is None:
-                return
-            if completion_tokens == plan.max_new_tokens and plan.raw_predicted_ms > 0:
-                ratio = min(max(total_ms / plan.raw_predicted_ms, 0.25), 4.0)
-                self._log_bias += self.config.bias_alpha * (math.log(ratio) - self._log_bias)
-            if plan.budget_ms is not None and plan.feasible:
-                self._learn_margin(missed=total_ms > plan.budget_ms)
+            if total_ms is not None:
+                self.calibration.learn(plan, total_ms, completion_tokens)
 
     @property
     def bias(self) -> float:
         """The learnt calibration of whole-request predictions (actual / model)."""
-        return math.exp(self._log_bias)
-
-    def _learn_margin(self, missed: bool) -> None:
-        cfg = self.config
-        down = 1 - cfg.margin_step
-        # equilibrium: miss_target·log(down) + (1 − miss_target)·log(up) = 0
-        up = math.exp(-cfg.miss_target * math.log(down) / (1 - cfg.miss_target))
-        self.margin = min(max(self.margin * (down if missed else up), cfg.margin_min), 1.0)
+        return self.calibration.bias
 
     @property
-    def _headroom(self) -> float:
-        return self.config.headroom * self.margin
-
-    @property
-    def _recheck_fraction(self) -> float:
-        return self.config.recheck * self.margin
+    def margin(self) -> float:
+        """The learnt safety margin on headroom and recheck (≤ 1)."""
+        return self.calibration.margin
 
     # -- every decode step (engine thread) ---------------------------------------------------
     def on_step(self, report: StepReportLike) -> dict[str, int]:
@@ -256,57 +205,20 @@ class DepthScheduler:
             self.steps_seen += 1
             self._tracked.observe(report)
             self.latency.learn_step(report)
-            return self._recheck(report.now)
-
-    def _recheck(self, now: float) -> dict[str, int]:
-        running = self._tracked.running()
-        generated = {p.request_id: self._tracked.generated(p) for p in running}
-        budgeted = [
-            p for p in running if p.lowerable and p.max_new_tokens > generated[p.request_id]
-        ]
-        if not budgeted:
-            return {}
-        exits = {p.request_id: p.exit_layer for p in running}
-        shallowest = self.exits[0]
-        stall = self._pending_prefill_ms()
-        pace = self.latency.token_ms(list(exits.values()))
-        headroom, recheck = self._headroom, self._recheck_fraction
-
-        def allowed(p: Plan, fraction: float, stall_ms: float = 0.0) -> float:
-            return p.allowed_pace(now, generated[p.request_id], fraction, stall_ms)
-
-        if pace <= min(allowed(p, recheck, stall) for p in budgeted):
-            return {}  # everyone is on track
-        # The fastest this batch can go, in the best case: every budgeted row at the shallowest
-        # exit, and no newcomer's prefill in the way. Slower than that is late whatever happens.
-        floor = self.latency.token_ms(
-            [shallowest if p.lowerable else p.exit_layer for p in running], stalls=False
-        )
-        savable = [p for p in budgeted if allowed(p, 1.0) >= floor]
-        for p in budgeted:
-            if p not in savable:  # as fast as possible, and out of the others' way
-                exits[p.request_id] = shallowest
-                if not p.abandoned:
-                    p.abandoned = True
-                    self.abandoned += 1
-        target = min((allowed(p, headroom, stall) for p in savable), default=math.inf)
-        lowerable = [p for p in budgeted if p in savable]
-        while lowerable and self.latency.token_ms(list(exits.values())) > target:
-            top = max(exits[p.request_id] for p in lowerable)
-            if top == shallowest:
-                break
-            below = max(k for k in self.exits if k < top)
-            for p in lowerable:
-                if exits[p.request_id] == top:
-                    exits[p.request_id] = below
-        changes = {}
-        for p in budgeted:
-            if exits[p.request_id] < p.exit_layer:
-                changes[p.request_id] = p.exit_layer = exits[p.request_id]
-        self.lowered += len(changes)
-        if changes:
-            logger.debug("lowered exits: %s", changes)
-        return changes
+            changes, abandoned = lower_exits(
+                self._tracked,
+                self.latency,
+                self.exits,
+                report.now,
+                stall_ms=pending_prefill_ms(self._tracked, self.latency, self.config.max_slots),
+                headroom=self.calibration.headroom,
+                recheck=self.calibration.recheck,
+            )
+            self.abandoned += abandoned
+            self.lowered += len(changes)
+            if changes:
+                logger.debug("lowered exits: %s", changes)
+            return changes
 
     # -- introspection -----------------------------------------------------------------------
     def snapshot(self) -> dict[str, Any]:
@@ -317,7 +229,7 @@ class DepthScheduler:
                 "steps_seen": self.steps_seen,
                 "lowered_exits": self.lowered,
                 "abandoned_requests": self.abandoned,
-                "headroom": round(self._headroom, 4),
+                "headroom": round(self.calibration.headroom, 4),
                 "safety_margin": round(self.margin, 4),
                 "prediction_bias": round(self.bias, 4),
             }
