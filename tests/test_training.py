@@ -340,7 +340,7 @@ def test_bench_quality_refuses_bad_answer_settings(ckpt: Path, data_file: Path, 
 
 
 def test_resume_with_other_settings_is_refused_naming_the_file(tmp_path: Path) -> None:
-    from app.training.train_cli import SETTINGS_FILE, check_resume
+    from app.training.run_record import SETTINGS_FILE, check_resume
 
     settings = {"model": "m", "lr": 1e-3, "seed": 42}
     check_resume(tmp_path, settings, resume=False)

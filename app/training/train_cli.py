@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -116,39 +115,14 @@ def run(args: argparse.Namespace) -> int:
         return 1
 
 
-SETTINGS_FILE = "run_settings.json"
-# What a resumed run must share with the run it continues.
-RESUME_KEYS = (
-    "model", "data", "method", "exits", "exit_every", "eval_data", "held_out", "epochs",
-    "max_steps", "lr", "batch_size", "grad_accum", "max_len", "seed", "lora_rank", "lora_alpha",
-    "chat", "exit_sample", "last_weight", "distill", "warmup",
-)  # fmt: skip
-
-
-def check_resume(work: Path, settings: dict, resume: bool) -> None:
-    """Record the run's settings in ``work``; refuse a ``--resume`` whose settings differ."""
-    import json
-
-    path = work / SETTINGS_FILE
-    if resume and path.is_file():
-        old = json.loads(path.read_text())
-        diff = sorted(k for k in RESUME_KEYS if old.get(k) != settings.get(k))
-        if diff:
-            changes = ", ".join(f"{k}: {old.get(k)!r} -> {settings.get(k)!r}" for k in diff)
-            raise ValueError(f"--resume: {path} was made with other settings ({changes})")
-    work.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(settings, indent=1) + "\n")
-
-
 def _run(args: argparse.Namespace) -> int:
-    import json
-
     import torch
 
     from app.base_model import load_hf
     from app.base_ref import ref_for, resolve
     from app.training.data import encode_records, load_alpaca, split_held_out
     from app.training.evaluate import format_table
+    from app.training.run_record import check_resume, run_settings, training_record
     from app.training.soft import parse_exits
     from app.training.train import TrainOptions, run_trainer, save_checkpoint, train_exits
 
@@ -177,10 +151,8 @@ def _run(args: argparse.Namespace) -> int:
     eval_examples = encode_records(tokenizer, held, args.max_len, chat)
     if not train_examples:
         raise ValueError("no training examples left after tokenisation")
-    settings = {k: getattr(args, k) for k in RESUME_KEYS}
-    settings = json.loads(json.dumps(settings, default=str)) | {"chat": chat}
     work = args.work or args.out.with_name(args.out.name + ".work")
-    check_resume(work, settings, args.resume)
+    check_resume(work, run_settings(args, chat), args.resume)
     if args.lora_rank:
         from app.training.lora import wrap_lora
 
@@ -221,28 +193,7 @@ def _run(args: argparse.Namespace) -> int:
         method=args.method,
         eval_examples=eval_examples,
         eval_name=str(args.eval_data or f"held-out {args.held_out:.0%} of {len(records)} records"),
-        training={
-            "base": base.to_json(),
-            "data": [str(p) for p in args.data],
-            "chat_template": chat,
-            "lora": (
-                {"rank": args.lora_rank, "alpha": args.lora_alpha or 2 * args.lora_rank}
-                if args.lora_rank
-                else None
-            ),
-            "epochs": args.epochs,
-            "max_steps": args.max_steps,
-            "lr": args.lr,
-            "batch_size": args.batch_size * args.grad_accum,
-            "max_len": args.max_len,
-            "exit_sample": args.exit_sample,
-            "distill": args.distill,
-            "last_weight": args.last_weight,
-            "seed": args.seed,
-            "train_wall_s": round(wall),
-            "threads": torch.get_num_threads(),
-            "command": "python -m app train " + shlex.join(sys.argv[2:]),
-        },
+        training=training_record(args, base.to_json(), chat, wall, torch.get_num_threads()),
         dtype=args.save_dtype,
         eval_exits=exits,
     )
