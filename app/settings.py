@@ -29,6 +29,9 @@ class Settings(BaseSettings):
 
     max_batch_size: int = Field(16, ge=1, description="KV-cache slots: requests decoding at once")
     max_seq_len: int | None = Field(None, ge=8, description="per-request context (prompt + new)")
+    prefill_chunk: int = Field(
+        256, ge=0, description="prompt tokens prefilled between decode steps (0: whole prompts)"
+    )
     max_queue: int = Field(64, ge=0, description="requests waiting for a slot before 429")
     max_prompt_chars: int = Field(32_000, ge=1)
     max_new_tokens_limit: int = Field(1024, ge=1, description="largest max_new_tokens accepted")

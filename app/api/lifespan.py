@@ -39,6 +39,7 @@ def load_engine(settings: Settings, step_hook: StepHook) -> Any:
         max_slots=settings.max_batch_size,
         max_seq_len=settings.max_seq_len,
         torch_threads=settings.torch_threads,
+        prefill_chunk=settings.prefill_chunk,
     )
     return Engine.from_pretrained(settings.model, config, step_hook=step_hook)
 

@@ -31,6 +31,12 @@ _FLAGS: dict[str, tuple[str, Any, str]] = {
     "--max-batch-size": ("max_batch_size", int, "requests decoding at once (default: 16)"),
     "--max-queue": ("max_queue", int, "requests waiting for a slot before 429 (default: 64)"),
     "--max-seq-len": ("max_seq_len", int, "context per request, prompt + new tokens"),
+    "--prefill-chunk": (
+        "prefill_chunk",
+        int,
+        "prompt tokens prefilled between decode steps, so long prompts do not stall streams "
+        "(default: 256; 0: whole prompts)",
+    ),
     "--max-new-tokens-limit": ("max_new_tokens_limit", int, "largest max_new_tokens accepted"),
     "--drain-timeout": ("drain_timeout_s", float, "seconds in-flight requests may finish on stop"),
     "--profile-cache-dir": ("profile_cache_dir", Path, "where measured latency profiles are kept"),

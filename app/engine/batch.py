@@ -60,13 +60,16 @@ class Batch:
         self.requests: dict[str, RequestState] = {}
         self.waiting: deque[RequestState] = deque()
         self.running: list[RequestState] = []  # in row order once laid out
+        # the request whose prompt is being prefilled chunk by chunk: it holds a row outside
+        # the running rows' 0..n-1 (see layout) but does not decode yet
+        self.prefilling: RequestState | None = None
         self.left: list[RowState] = []  # rows that left since the last report
         self.outbox: Outbox = {}
         self._dirty = False
 
     @property
     def busy(self) -> bool:
-        return bool(self.running or self.waiting)
+        return bool(self.running or self.waiting or self.prefilling)
 
     def add(self, state: RequestState) -> None:
         self.requests[state.request_id] = state
@@ -79,14 +82,24 @@ class Batch:
 
     # -- admission --------------------------------------------------------------------------------
     def next_admission(self) -> RequestState | None:
-        """The next waiting request, given a free row, if there is one."""
+        """The request to prefill next: the one part-way through its prompt, else the next
+        waiting one, given the lowest free row (where it most likely stays once it runs)."""
+        if self.prefilling is not None:
+            return self.prefilling
         if not self.waiting or len(self.running) >= self.max_slots:
             return None
         state = self.waiting.popleft()
         used = {s.row for s in self.running}
         state.row = next(r for r in range(self.max_slots) if r not in used)
         state.prefill_start = time.perf_counter()
+        self.prefilling = state
         return state
+
+    def chunk_done(self, state: RequestState, tokens: int, scores: Sequence[Scores] | None) -> None:
+        """``tokens`` more prompt positions of ``state`` are in its row (not the last chunk)."""
+        state.prefilled += tokens
+        if scores:
+            state.chunk_scores.extend(scores)
 
     def joined(
         self,
@@ -99,11 +112,16 @@ class Batch:
         """``state``'s prefill chose ``token``: it runs from the next step unless already done.
 
         ``token`` is None when the request only scores its prompt: it ends here (``length``).
+        ``prompt_scores`` are the last chunk's; earlier chunks' came through :meth:`chunk_done`.
         """
+        if self.prefilling is state:
+            self.prefilling = None
+        state.prefilled = state.prompt_len
         self.running.append(state)
         self._dirty = True
         if prompt_scores is not None:
-            state.score_prompt(prompt_scores)
+            state.score_prompt([*state.chunk_scores, *prompt_scores])
+            state.chunk_scores = []
         if token is None:
             state.first_token_at = state.last_token_at = now
             self.finish(state, "length")
@@ -131,6 +149,11 @@ class Batch:
         moved = [i for i, (c, n) in enumerate(zip(current, rows, strict=True)) if c != n]
         moves = [(current[i], rows[i], exits[i]) for i in moved]
         copy_len = max((running[i].position for i in moved), default=0)
+        p = self.prefilling
+        if p is not None and p.row < len(rows):  # in the way: it goes just above the running
+            moves.append((p.row, len(rows), p.exit_layer))
+            copy_len = max(copy_len, p.prefilled)
+            p.row = len(rows)
         for state, row in zip(running, rows, strict=True):
             state.row = row
         running.sort(key=lambda s: s.row)
@@ -200,13 +223,16 @@ class Batch:
             self.left.append(state.row_state())
             self.running.remove(state)
             self._dirty = True
+        elif state is self.prefilling:
+            self.prefilling = None
         elif state in self.waiting:
             self.waiting.remove(state)
         state.row = -1
         self._on_done(state.request_id)
 
     def finish_all(self, reason: FinishReason, error: str | None = None) -> None:
-        for state in [*self.running, *self.waiting]:
+        prefilling = [self.prefilling] if self.prefilling is not None else []
+        for state in [*self.running, *prefilling, *self.waiting]:
             self.finish(state, reason, error)
 
     def _emit(self, state: RequestState, event: Event) -> None:

@@ -23,6 +23,7 @@ class EngineConfig:
     max_slots: int = 16  # KV-cache slots: requests decoding at once
     max_seq_len: int | None = None  # per-request context (prompt + new); None: min(model, 2048)
     torch_threads: int | None = None  # CPU threads for torch; None leaves torch's default
+    prefill_chunk: int = 256  # prompt tokens per loop iteration while others decode; 0: whole
 
     def __post_init__(self) -> None:
         if self.max_slots < 1:
@@ -32,6 +33,8 @@ class EngineConfig:
         if self.dtype != "auto" and self.dtype not in DTYPES:
             allowed = ", ".join(DTYPES)
             raise ValueError(f"dtype must be auto or one of {allowed}, got {self.dtype!r}")
+        if self.prefill_chunk < 0:
+            raise ValueError(f"prefill_chunk must be 0 (off) or more, got {self.prefill_chunk}")
         if self.torch_threads is not None and self.torch_threads < 1:
             raise ValueError(f"torch_threads must be at least 1, got {self.torch_threads}")
 

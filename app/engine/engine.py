@@ -86,7 +86,9 @@ class Engine:
         batch = Batch(
             config.max_slots, max_seq_len, frozenset(checkpoint.eos_token_ids), self._mailbox.done
         )
-        self._loop = EngineLoop(ModelRunner(model, cache), batch, self._mailbox, step_hook)
+        self._loop = EngineLoop(
+            ModelRunner(model, cache), batch, self._mailbox, step_hook, config.prefill_chunk
+        )
         self._thread: threading.Thread | None = None
 
     @classmethod
@@ -161,8 +163,9 @@ class Engine:
         running = len(batch.running)
         return EngineStats(
             running=running,
-            waiting=self._mailbox.arrived + len(batch.waiting),
-            free_slots=batch.max_slots - running,
+            # a request part-way through a chunked prefill waits for its first token, in a row
+            waiting=self._mailbox.arrived + len(batch.waiting) + (batch.prefilling is not None),
+            free_slots=batch.max_slots - running - (batch.prefilling is not None),
             max_slots=batch.max_slots,
         )
 

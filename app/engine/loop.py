@@ -23,9 +23,15 @@ logger = logging.getLogger(__name__)
 
 class EngineLoop:
     def __init__(
-        self, runner: ModelRunner, batch: Batch, mailbox: Mailbox, step_hook: StepHook | None
+        self,
+        runner: ModelRunner,
+        batch: Batch,
+        mailbox: Mailbox,
+        step_hook: StepHook | None,
+        prefill_chunk: int = 0,
     ) -> None:
         self.runner = runner
+        self.prefill_chunk = prefill_chunk  # prompt tokens per iteration while others decode
         self.batch = batch
         self.mailbox = mailbox
         self.step_hook = step_hook
@@ -59,20 +65,40 @@ class EngineLoop:
             self.batch.cancel(request_id)
 
     def admit(self) -> None:
-        """Prefill waiting requests into free rows; each sends its first token at once."""
-        while (state := self.batch.next_admission()) is not None:
+        """Prefill waiting requests into free rows; each sends its first token at once.
+
+        With ``prefill_chunk``, prompts go in chunks of at most that many tokens per iteration
+        while other requests decode (one long prompt no longer stalls every stream for its whole
+        prefill); with nothing running, chunk after chunk until a request joins.
+        """
+        chunk, spent = self.prefill_chunk, 0
+        while True:
+            allowance = (chunk - spent if self.batch.running else chunk) if chunk else None
+            if allowance is not None and allowance <= 0:
+                return  # the rest after the next decode step
+            state = self.batch.next_admission()
+            if state is None:
+                return
             p = state.request.sampling
-            generate = p.max_new_tokens > 0  # 0: only score the prompt
+            prompt, start = state.request.prompt_ids, state.prefilled
+            end = len(prompt) if allowance is None else min(len(prompt), start + allowance)
+            generate = p.max_new_tokens > 0 and end == len(prompt)  # 0: only score the prompt
             try:
                 out = self.runner.prefill(
                     state.row,
-                    state.request.prompt_ids,
+                    prompt,
                     state.exit_layer,
                     state.next_sampling() if generate else None,
                     logprobs=p.logprobs,
                     prompt_logprobs=p.prompt_logprobs,
                     generate=generate,
+                    start=start,
+                    end=end,
                 )
+                spent += end - start
+                if end < len(prompt):
+                    self.batch.chunk_done(state, end - start, out.prompt_scores)
+                    continue
                 self.batch.joined(
                     state, out.token, time.perf_counter(), out.scores, out.prompt_scores
                 )

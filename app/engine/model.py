@@ -183,33 +183,51 @@ class Transformer:
         cache: KVCache | None = None,
         row: int = 0,
         all_logits: bool = False,
+        start: int = 0,
+        head: bool = True,
     ) -> torch.Tensor:
         """Run the prompt ``ids [t]`` through ``exit_layer`` layers, filling ``cache`` row ``row``.
 
-        Returns float32 logits for the last position (``[1, vocab]``) or every position.
+        ``ids`` sit at positions ``start..start+t-1``: a chunk after ``start`` positions already
+        in the row attends to them in the cache (chunked prefill). Returns float32 logits for the
+        last position (``[1, vocab]``) or every position; nothing (an empty tensor) without
+        ``head``, for a chunk whose logits nobody reads.
         """
         a = self.args
         t = ids.shape[0]
+        end = start + t
         heads, kv_heads = a.num_heads, a.num_kv_heads
+        if start and cache is None:
+            raise ValueError("a prefill chunk after position 0 needs the cache")
+        # a later chunk: query i (at start + i) sees keys 0..start + i
+        mask = self._positions[None, :end] <= self._positions[start:end, None] if start else None
 
         def attend(qkv: torch.Tensor, layer: int) -> torch.Tensor:
             qkv = qkv.transpose(0, 1)  # [all heads, t, d]
             if cache is not None:
-                cache.kv[layer][row, :, :t] = qkv[heads:]
+                cache.kv[layer][row, :, start:end] = qkv[heads:]
+            if start:
+                keys = cache.k[layer][row : row + 1, :, :end]  # type: ignore[union-attr]
+                values = cache.v[layer][row : row + 1, :, :end]  # type: ignore[union-attr]
+            else:
+                keys, values = qkv[None, heads : heads + kv_heads], qkv[None, heads + kv_heads :]
             out = F.scaled_dot_product_attention(
                 qkv[None, :heads],
-                qkv[None, heads : heads + kv_heads],
-                qkv[None, heads + kv_heads :],
-                is_causal=True,
+                keys,
+                values,
+                attn_mask=mask,
+                is_causal=not start,
                 scale=self.scale,
                 enable_gqa=heads != kv_heads,
             )
             return out[0].transpose(0, 1).reshape(t, -1)
 
         x = F.embedding(ids, self.embed)
-        rotations = self._rotations(self._positions[:t])
+        rotations = self._rotations(self._positions[start:end])
         for layer in range(exit_layer):
             x = self._layer(x, layer, rotations, attend)
+        if not head:
+            return x[:0]
         return self.logits(x if all_logits else x[-1:])
 
     # -- decode -----------------------------------------------------------------------------------

@@ -72,6 +72,8 @@ class RequestState:
     generated: list[int] = field(default_factory=list)
     downgrades: list[Downgrade] = field(default_factory=list)
     prefill_start: float | None = None
+    prefilled: int = 0  # prompt positions in the cache so far (chunked prefill)
+    chunk_scores: list[Scores] = field(default_factory=list)  # the prompt's, chunk by chunk
     first_token_at: float | None = None
     last_token_at: float | None = None
     sent_text: list[str] = field(default_factory=list)

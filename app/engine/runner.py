@@ -56,25 +56,36 @@ class ModelRunner:
         logprobs: int | None = None,
         prompt_logprobs: int | None = None,
         generate: bool = True,
+        start: int = 0,
+        end: int | None = None,
     ) -> Prefilled:
-        """Fill cache row ``row`` with the prompt through ``exit_layer`` layers; the first token
-        (unless not ``generate``), with its scores for ``logprobs`` alternatives and the prompt's
-        for ``prompt_logprobs`` (the head then runs over every position), each when not None."""
-        ids = torch.tensor(list(prompt_ids), dtype=torch.long, device=self.device)
+        """Fill cache row ``row`` with prompt positions ``start..end-1`` (all by default) through
+        ``exit_layer`` layers. After the last chunk: the first token (unless not ``generate``),
+        with its scores for ``logprobs`` alternatives; with ``prompt_logprobs`` the scores of the
+        prompt tokens this chunk predicts (the head then runs over every position of it)."""
+        prompt = list(prompt_ids)
+        end = len(prompt) if end is None else end
+        last_chunk = end == len(prompt)
+        ids = torch.tensor(prompt[start:end], dtype=torch.long, device=self.device)
         every = prompt_logprobs is not None
-        logits = self.model.prefill(ids, exit_layer, self.cache, row, all_logits=every)
-        last = logits[-1:]
+        logits = self.model.prefill(
+            ids, exit_layer, self.cache, row, every, start, head=every or last_chunk
+        )
         token: int | None = None
         scores: Scores | None = None
-        if generate:
+        if generate and last_chunk:
+            last = logits[-1:]
             chosen = sample(last, [(0, sampling)] if sampling else [])
             token = int(chosen.item())
             if logprobs is not None:
                 scores = token_scores(last, chosen, [logprobs])[0]
         prompt_scores = None
         if every:  # position i predicts token i + 1; the logits become log-probabilities
-            n = ids.shape[0] - 1
-            prompt_scores = token_scores(logits[:n], ids[1:], [prompt_logprobs] * n, in_place=True)
+            targets = torch.tensor(
+                prompt[start + 1 : end + 1], dtype=torch.long, device=self.device
+            )
+            n = targets.shape[0]
+            prompt_scores = token_scores(logits[:n], targets, [prompt_logprobs] * n, in_place=True)
         return Prefilled(token, scores, prompt_scores)
 
     def set_layout(
