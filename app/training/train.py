@@ -19,7 +19,6 @@ from transformers import TrainingArguments
 from app.model_store import SortedMeta, write_sorted_meta
 from app.training.data import Example, ExampleDataset, pad_batch
 from app.training.evaluate import evaluate_exits
-from app.training.model_card import write_trained_card
 from app.training.soft import SortedTrainer
 
 logger = logging.getLogger(__name__)
@@ -139,7 +138,8 @@ def save_checkpoint(
     """Save weights (in ``dtype``), tokenizer and ``sorted.json`` with held-out loss per exit.
 
     A PEFT model is saved as its adapter (float32), then merged to be evaluated. The held-out
-    loss is measured on the weights as saved (cast back to float32)."""
+    loss is measured on the weights as saved (cast back to float32). The model card is the
+    command's to write: ``train`` and ``build-tiny`` describe their checkpoints differently."""
     out_dir.mkdir(parents=True, exist_ok=True)
     if hasattr(model, "merge_and_unload"):
         from app.training.lora import merged, save_adapter
@@ -173,5 +173,4 @@ def save_checkpoint(
         training=training,
     )
     write_sorted_meta(out_dir, meta)
-    write_trained_card(out_dir, meta)
     return meta

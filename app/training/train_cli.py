@@ -122,6 +122,7 @@ def _run(args: argparse.Namespace) -> int:
     from app.base_ref import ref_for, resolve
     from app.training.data import encode_records, load_alpaca, split_held_out
     from app.training.evaluate import format_table
+    from app.training.model_card import write_trained_card
     from app.training.run_record import check_resume, run_settings, training_record
     from app.training.soft import parse_exits
     from app.training.train import TrainOptions, run_trainer, save_checkpoint, train_exits
@@ -197,6 +198,7 @@ def _run(args: argparse.Namespace) -> int:
         dtype=args.save_dtype,
         eval_exits=exits,
     )
+    write_trained_card(args.out, meta)
     if meta.eval:
         by_exit = {int(k): v for k, v in meta.eval["by_exit"].items()}
         logger.info("held-out loss per exit:\n%s", format_table(by_exit, num_layers))
