@@ -26,6 +26,7 @@ class Settings(BaseSettings):
     device: str = Field("auto", description="auto, cpu or cuda[:N]")
     dtype: str = Field("auto", description="auto (float32 on CPU, bfloat16 on CUDA), float32, ...")
     torch_threads: int | None = Field(None, ge=1, description="CPU threads for torch")
+    weights: str = Field("auto", description="linear weights: auto, float32, bfloat16, int8, int4")
 
     max_batch_size: int = Field(16, ge=1, description="KV-cache slots: requests decoding at once")
     max_seq_len: int | None = Field(None, ge=8, description="per-request context (prompt + new)")

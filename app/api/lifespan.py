@@ -31,7 +31,8 @@ EngineLoader = Callable[[Settings, StepHook], Any]
 
 def load_engine(settings: Settings, step_hook: StepHook) -> Any:
     """The real engine (imported here: torch loads only when a server starts)."""
-    from app.engine import Engine, EngineConfig
+    from app.engine import EngineConfig
+    from app.engine.formats import open_engine
 
     config = EngineConfig(
         device=settings.device,
@@ -40,8 +41,9 @@ def load_engine(settings: Settings, step_hook: StepHook) -> Any:
         max_seq_len=settings.max_seq_len,
         torch_threads=settings.torch_threads,
         prefill_chunk=settings.prefill_chunk,
+        weights=settings.weights,
     )
-    return Engine.from_pretrained(settings.model, config, step_hook=step_hook)
+    return open_engine(settings.model, config, step_hook, settings.profile_cache_dir)
 
 
 class StepObserver:
@@ -97,6 +99,7 @@ def prepare(state: AppState, loader: EngineLoader) -> None:
         max_slots,
         settings.profile_depths,
     )
+    key["weights"] = getattr(info, "weights", "")  # a profile holds for one weight format
     profile = None if settings.reprofile else load_profile(settings.profile_cache_dir, key)
     state.profile_source = "cache"
     if profile is None:
@@ -119,18 +122,20 @@ def prepare(state: AppState, loader: EngineLoader) -> None:
         ),
     )
     state.metrics.declare_exits(info.exits)
+    state.metrics.declare_weights(getattr(info, "weights", ""), getattr(info, "weight_kernel", ""))
     state.metrics.track_load(lambda: engine.stats().running, lambda: engine.stats().waiting)
     engine.start()
     state.engine = engine
     state.model_id = info.model_id
     state.ready = True
     logger.info(
-        "serving %s (%s, exits %s) on %s/%s; ready in %.1f s",
+        "serving %s (%s, exits %s) on %s/%s, weights %s; ready in %.1f s",
         info.model_id,
         info.model_type,
         list(info.exits),
         info.device,
         info.dtype,
+        getattr(info, "weights", "") or info.dtype,
         time.perf_counter() - started,
     )
 

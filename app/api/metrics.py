@@ -107,8 +107,17 @@ class Metrics:
         self.waiting = Gauge(
             "sortedserve_requests_waiting", "requests waiting for a batch slot", registry=r
         )
+        self.weights = Gauge(
+            "sortedserve_weights_info",
+            "1 for the linear weights' format and the kernel that reads them",
+            ["weights", "kernel"],
+            registry=r,
+        )
         for outcome in ("met", "missed", "none"):
             self.budget_requests.labels(outcome=outcome)
+
+    def declare_weights(self, weights: str, kernel: str) -> None:
+        self.weights.labels(weights=weights or "unknown", kernel=kernel or "unknown").set(1)
 
     def declare_exits(self, exits: Iterable[int]) -> None:
         """Create the per-exit series at zero so dashboards see every exit before traffic."""

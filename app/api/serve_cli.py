@@ -28,6 +28,11 @@ _FLAGS: dict[str, tuple[str, Any, str]] = {
     "--device": ("device", str, "auto, cpu or cuda[:N] (default: auto)"),
     "--dtype": ("dtype", str, "auto, float32, bfloat16 or float16 (default: auto)"),
     "--threads": ("torch_threads", int, "CPU threads for torch (default: torch's choice)"),
+    "--weights": (
+        "weights",
+        str,
+        "linear weights: auto (the dtype's), float32, bfloat16, int8 or int4 (default: auto)",
+    ),
     "--max-batch-size": ("max_batch_size", int, "requests decoding at once (default: 16)"),
     "--max-queue": ("max_queue", int, "requests waiting for a slot before 429 (default: 64)"),
     "--max-seq-len": ("max_seq_len", int, "context per request, prompt + new tokens"),

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 logger = logging.getLogger(__name__)
 
 DTYPES = ("float32", "bfloat16", "float16")
+WEIGHTS = ("auto", "float32", "bfloat16", "int8", "int4")  # see app.engine.kernels
 
 
 @dataclass(frozen=True)
@@ -23,6 +24,7 @@ class EngineConfig:
     max_slots: int = 16  # KV-cache slots: requests decoding at once
     max_seq_len: int | None = None  # per-request context (prompt + new); None: min(model, 2048)
     torch_threads: int | None = None  # CPU threads for torch; None leaves torch's default
+    weights: str = "auto"  # linear weights' format; auto: the dtype's (see app.engine.kernels)
     prefill_chunk: int = 256  # prompt tokens per loop iteration while others decode; 0: whole
 
     def __post_init__(self) -> None:
@@ -35,6 +37,9 @@ class EngineConfig:
             raise ValueError(f"dtype must be auto or one of {allowed}, got {self.dtype!r}")
         if self.prefill_chunk < 0:
             raise ValueError(f"prefill_chunk must be 0 (off) or more, got {self.prefill_chunk}")
+        if self.weights not in WEIGHTS:
+            allowed = ", ".join(WEIGHTS)
+            raise ValueError(f"weights must be one of {allowed}, got {self.weights!r}")
         if self.torch_threads is not None and self.torch_threads < 1:
             raise ValueError(f"torch_threads must be at least 1, got {self.torch_threads}")
 
@@ -45,6 +50,15 @@ DEFAULT_MAX_SEQ_LEN = 2048
 def resolve_device(config: EngineConfig) -> tuple[str, str]:
     """The concrete ``(device, dtype)`` names for ``config`` on this machine."""
     import torch
+
+    from app.engine.weights import active_plan
+
+    if config.weights != "auto" and active_plan() is None:
+        # Engine does not pass the format to build_model yet: refuse rather than ignore it
+        raise ValueError(
+            f"weights={config.weights!r} is applied by app.engine.formats.open_engine; "
+            "Engine(...) alone would load the default format"
+        )
 
     device = config.device
     if device == "auto":

@@ -18,9 +18,12 @@ NN form exists; the model code has one path.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+
+from app.engine.quantize import INT4_GROUP, dequantize_int4, quantize_int4, quantize_int8
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +71,15 @@ class Linear:
     def out_features(self) -> int:
         return self.weight_t.shape[1]
 
+    @property
+    def kernel(self) -> str:
+        """The op that reads the weight at one row (what ``/info`` and the benchmarks report)."""
+        return f"mm/{_name(self.weight_t.dtype)}"
+
+    def dequantized(self) -> torch.Tensor:
+        """The ``[out, in]`` weight this layer multiplies by, in float32."""
+        return self.weight_t.t().float()
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed is not None and x.shape[0] >= PACKED_MIN_ROWS:
             return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
@@ -83,3 +95,132 @@ class Linear:
             )
         out = torch.addmm(residual, x, self.weight_t)
         return out if self.bias is None else out.add_(self.bias)
+
+
+# -- weight-only formats -------------------------------------------------------------------------
+#
+# The weights are stored smaller and read by one of torch's packed library kernels; activations
+# keep the model's dtype and are cast to the kernel's around the call. Which kernel serves a format
+# on this machine is measured, not assumed (:mod:`app.engine.kernels`).
+
+INT4_N_MULTIPLE = 16  # torch's CPU int4 packing wants a multiple of 16 output rows
+
+
+class WeightOnlyLinear(Linear):
+    """A :class:`Linear` whose weight is read by ``op(x_cast) -> [rows, out]`` in ``act`` dtype.
+
+    ``dense`` is the float32 ``[out, in]`` weight the format represents (dequantized), kept only
+    where asked (tests compare the kernel against it)."""
+
+    __slots__ = ("act", "dense", "name", "op", "out")
+
+    def __init__(
+        self,
+        op: Callable[[torch.Tensor], torch.Tensor],
+        out_features: int,
+        act: torch.dtype,
+        bias: torch.Tensor | None,
+        kernel: str,
+        dense: torch.Tensor | None = None,
+    ) -> None:
+        self.op, self.out, self.act, self.bias, self.name = op, out_features, act, bias, kernel
+        self.dense, self.packed, self.weight_t = dense, None, None
+
+    @property
+    def out_features(self) -> int:
+        return self.out
+
+    @property
+    def kernel(self) -> str:
+        return self.name
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.op(x if x.dtype == self.act else x.to(self.act))
+        if y.dtype != x.dtype:
+            y = y.to(x.dtype)
+        return y if self.bias is None else y.add_(self.bias)
+
+    def add(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        return self(x).add_(residual)
+
+    def dequantized(self) -> torch.Tensor:
+        if self.dense is None:
+            raise ValueError("this linear was built without its dequantized weight")
+        return self.dense
+
+
+def cast_linear(
+    weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype, keep: bool = False
+) -> WeightOnlyLinear:
+    """Weights stored in ``dtype`` (e.g. bfloat16 under float32 activations), ``x @ W`` in it."""
+    w_t = weight.t().to(dtype).contiguous()
+    dense = w_t.t().float() if keep else None
+    return WeightOnlyLinear(
+        lambda x: torch.mm(x, w_t), weight.shape[0], dtype, bias, f"mm/{_name(dtype)}", dense
+    )
+
+
+def onednn_cast_linear(
+    weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype, keep: bool = False
+) -> WeightOnlyLinear:
+    """Weights stored in ``dtype``, oneDNN-packed (``mkldnn._linear_pointwise``), CPU only."""
+    w = weight.to(dtype).contiguous()
+    dense = w.float() if keep else None
+    packed = torch.ops.mkldnn._reorder_linear_weight(w, None)
+    op = torch.ops.mkldnn._linear_pointwise
+    return WeightOnlyLinear(
+        lambda x: op(x, packed, None, "none", [], ""),
+        weight.shape[0],
+        dtype,
+        bias,
+        f"mkldnn._linear_pointwise/{_name(dtype)}",
+        dense,
+    )
+
+
+def int8_linear(
+    weight: torch.Tensor, bias: torch.Tensor | None, act: torch.dtype, keep: bool = False
+) -> WeightOnlyLinear:
+    """int8 per-row weights through ``aten._weight_int8pack_mm`` with ``act`` activations."""
+    q, scale = quantize_int8(weight)
+    q, s = q.to(weight.device), scale.to(weight.device, act)
+    dense = (q.float() * scale.to(q.device)[:, None]) if keep else None
+    op = torch.ops.aten._weight_int8pack_mm
+    return WeightOnlyLinear(
+        lambda x: op(x, q, s),
+        weight.shape[0],
+        act,
+        bias,
+        f"_weight_int8pack_mm/{_name(act)}",
+        dense,
+    )
+
+
+def int4_linear(
+    weight: torch.Tensor, bias: torch.Tensor | None, act: torch.dtype, keep: bool = False
+) -> WeightOnlyLinear:
+    """int4 weights, groups of 32, through ``aten._weight_int4pack_mm_for_cpu``."""
+    out_features = weight.shape[0]
+    q, scale, low = quantize_int4(weight)
+    dense = dequantize_int4(q, scale, low) if keep else None
+    pad = -out_features % INT4_N_MULTIPLE
+    if pad:  # zero rows make up the multiple; their outputs are sliced off
+        q = torch.cat([q, q.new_zeros(pad, q.shape[1])])
+        scale = torch.cat([scale, scale.new_zeros(pad, scale.shape[1])])
+        low = torch.cat([low, low.new_zeros(pad, low.shape[1])])
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.contiguous(), 1)
+    # the kernel computes (q - 8) * scale + zero: zero = low + 8 * scale
+    scales_zeros = torch.stack([scale.t(), (low + 8 * scale).t()], dim=-1).to(act).contiguous()
+    op = torch.ops.aten._weight_int4pack_mm_for_cpu
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        y = op(x, packed, INT4_GROUP, scales_zeros)
+        return y[:, :out_features].contiguous() if pad else y
+
+    return WeightOnlyLinear(
+        run, out_features, act, bias, f"_weight_int4pack_mm_for_cpu/{_name(act)}", dense
+    )
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")

@@ -176,6 +176,8 @@ class ModelInfo:
     soft_tuned: bool
     quality: dict[str, float]  # sorted.json eval.by_exit, keys are exits as strings
     metric: str  # the quality metric's name, e.g. "loss"
+    weights: str = ""  # the linear weights' format (float32, bfloat16, int8, int4); "" unknown
+    weight_kernel: str = ""  # the op that reads them, as app.engine.kernels chose it
 
 
 class EngineClosedError(RuntimeError):

@@ -6,15 +6,25 @@ folded into the columns of the projection that reads it, the final norm into the
 rows are permuted per head so that rotary embedding is one complex multiply (see
 :mod:`app.engine.rope`). The input contract is ``app.engine.loader.Checkpoint``'s ``hf_config``
 and ``tensors``.
+
+The linear layers are then stored in the weight format asked for (``weights``: float32, bfloat16,
+int8, int4; ``auto`` keeps the activation dtype), read by the kernel :mod:`app.engine.kernels`
+found fastest here. ``Engine`` does not pass a format yet: until it does, callers that have one
+build the engine inside :func:`weight_plan` (see :func:`app.engine.formats.open_engine`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 
+from app.engine.kernels import KernelChoice, choose_kernel, resolve_format
 from app.engine.linear import Linear, packed_linear_available
 from app.engine.model import Layer, ModelArgs, Transformer
 from app.engine.rope import interleave_permutation, rope_table
@@ -23,6 +33,32 @@ from app.model_store import ModelStoreError
 MAX_PACKED_BYTES = 2**30  # keep oneDNN-packed weight copies up to this model size
 
 MakeLinear = Callable[[torch.Tensor, torch.Tensor | None], Linear]
+
+
+@dataclass
+class WeightPlan:
+    """The weight format the next :func:`build_model` in this context uses, and (filled in by
+    it) the kernel it chose."""
+
+    weights: str = "auto"
+    kernel_cache: Path | None = None  # where kernel timings are cached (None: memory only)
+    choice: KernelChoice | None = None
+
+
+_PLAN: ContextVar[WeightPlan | None] = ContextVar("sortedserve_weight_plan", default=None)
+
+
+def active_plan() -> WeightPlan | None:
+    return _PLAN.get()
+
+
+@contextmanager
+def weight_plan(plan: WeightPlan) -> Iterator[WeightPlan]:
+    token = _PLAN.set(plan)
+    try:
+        yield plan
+    finally:
+        _PLAN.reset(token)
 
 
 class _Tensors:
@@ -66,7 +102,14 @@ def build_model(
     device: str,
     dtype: torch.dtype,
     packed_linear: bool = True,
+    weights: str | None = None,
+    kernel_cache: Path | None = None,
 ) -> Transformer:
+    plan = _PLAN.get()
+    if weights is None:
+        weights = plan.weights if plan is not None else "auto"
+    if kernel_cache is None and plan is not None:
+        kernel_cache = plan.kernel_cache
     a = ModelArgs.from_hf(hf_config)
     t = _Tensors(tensors)
     weight_bytes = sum(v.numel() for v in tensors.values()) * torch.finfo(dtype).bits // 8
@@ -77,12 +120,26 @@ def build_model(
         and packed_linear_available(torch.device(device), dtype)
     )
 
+    hd, inter = a.hidden_size, a.intermediate_size
+    q_dim, kv_dim = a.num_heads * a.head_dim, a.num_kv_heads * a.head_dim
+    shapes = [(q_dim + 2 * kv_dim, hd), (hd, q_dim), (2 * inter, hd), (hd, inter)]
+    choice, kernel = choose_kernel(
+        resolve_format(weights, dtype),
+        torch.device(device),
+        dtype,
+        shapes,
+        a.num_layers,
+        pack,
+        kernel_cache,
+    )
+    if plan is not None:
+        plan.choice = choice
+
     def linear(weight: torch.Tensor, bias: torch.Tensor | None = None) -> Linear:
         cast = bias.to(device, dtype) if bias is not None else None
-        return Linear(weight.to(device, dtype), cast, pack)
+        return kernel.make(weight.to(device), cast, False)
 
     layers = [_layer(t, a, f"model.layers.{i}.", linear) for i in range(a.num_layers)]
-    hd = a.hidden_size
     embed = t.get("model.embed_tokens.weight", (a.vocab_size, hd))
     if getattr(hf_config, "tie_word_embeddings", False):
         head = embed
