@@ -31,7 +31,10 @@ class Settings(BaseSettings):
     max_batch_size: int = Field(16, ge=1, description="KV-cache slots: requests decoding at once")
     max_seq_len: int | None = Field(None, ge=8, description="per-request context (prompt + new)")
     prefill_chunk: int = Field(
-        256, ge=0, description="prompt tokens prefilled between decode steps (0: whole prompts)"
+        256, ge=0, description="most prompt tokens prefilled between decode steps (0: off)"
+    )
+    prefill_stall: float = Field(
+        1.5, gt=0, description="a prefill chunk may take this many decode steps' time"
     )
     max_queue: int = Field(64, ge=0, description="requests waiting for a slot before 429")
     max_prompt_chars: int = Field(32_000, ge=1)

@@ -20,6 +20,7 @@ from app.engine import (
     TokenEvent,
 )
 from app.engine.batch import Batch
+from app.engine.chunking import ChunkPacer
 from app.engine.kv_cache import KVCache
 from app.engine.loader import load_checkpoint
 from app.engine.model import Transformer
@@ -196,3 +197,17 @@ def test_batch_moves_a_prefilling_row_out_of_the_way() -> None:
     assert batch.prefilling is None and p.row == -1
     batch.add(state("next", 2))
     assert (n := batch.next_admission()) is not None and n.row == 2
+
+
+def test_pacer_sizes_chunks_to_the_decode_step() -> None:
+    pacer = ChunkPacer(256, stall=1.5)
+    assert pacer.allowance(0, others_running=True) == 256  # nothing measured yet
+    pacer.stepped(0.060)
+    pacer.prefilled(128, 0.256)  # 2 ms a token
+    assert pacer.allowance(0, others_running=True) == 45  # 1.5 × 60 ms / 2 ms
+    assert pacer.allowance(40, others_running=True) == 5
+    assert pacer.allowance(0, others_running=False) == 256  # nobody to stall: full chunks
+    pacer.prefilled(16, 0.320)  # 20 ms a token (a long context): EWMA, and never below 16
+    assert pacer.token_s == pytest.approx(0.7 * 0.002 + 0.3 * 0.020)
+    assert pacer.allowance(0, others_running=True) == 16
+    assert ChunkPacer(0, 1.5).allowance(0, others_running=True) is None  # off

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import sys
 from dataclasses import dataclass
 
@@ -323,3 +324,43 @@ def test_predictions_calibrate_to_how_long_requests_really_take() -> None:
     sched.admit("short", 20, 21)
     sched.finish("short", total_ms=1.0, completion_tokens=3)  # stopped early: teaches nothing
     assert sched.bias == pytest.approx(1.5, rel=0.01)
+
+
+def test_interleave_counts_the_steps_between_prefill_chunks() -> None:
+    from app.scheduler.plans import interleave_ms
+
+    config = SchedulerConfig(prefill_chunk=256, prefill_stall=1.5)
+    # 1500 tokens at 2 ms: 3000 ms of prefill, 60 ms steps → chunks of at most 90 ms: 34 chunks
+    assert interleave_ms(config, 1500, 3000.0, 60.0) == pytest.approx(33 * 60.0)
+    # a cheap prefill: the size limit decides (6 chunks of ≤ 256 tokens)
+    assert interleave_ms(config, 1500, 30.0, 60.0) == pytest.approx(5 * 60.0)
+    # never under min_chunk tokens: at most ceil(40 / 16) = 3 chunks
+    assert interleave_ms(config, 40, 1e6, 1.0) == pytest.approx(2.0)
+    assert interleave_ms(config, 1500, 3000.0, 0.0) == 0.0  # nobody else runs
+    assert interleave_ms(SchedulerConfig(), 1500, 3000.0, 60.0) == 0.0  # chunking off
+
+
+def test_chunked_prefill_lengthens_a_newcomers_prediction_only_with_others_running() -> None:
+    plain, _ = make()
+    chunked, _ = make(prefill_chunk=64, prefill_stall=1.0)
+    alone = [s.decide(600, 8, exit_layer=12) for s in (plain, chunked)]
+    assert alone[0].predicted_ms == pytest.approx(alone[1].predicted_ms)
+    assert alone[1].interleave_ms == 0.0
+    for s in (plain, chunked):
+        s.admit("running", 4, 100, exit_layer=12)
+    busy = [s.decide(600, 8, exit_layer=12) for s in (plain, chunked)]
+    # prefill 600 × 0.24 ms = 144 ms; the running one's step at exit 12 is 7 ms: ≥ 21 chunks
+    step = decode_ms(12, 1)
+    assert busy[1].interleave_ms == pytest.approx((math.ceil(144 / step) - 1) * step)
+    assert busy[1].predicted_ms == pytest.approx(busy[0].predicted_ms + busy[1].interleave_ms)
+    assert busy[0].interleave_ms == 0.0
+
+
+def test_prefill_learning_leaves_the_interleaved_steps_aside() -> None:
+    s, _ = make(prefill_chunk=64, prefill_stall=1.0)
+    s.admit("running", 4, 100, exit_layer=12)
+    d = s.admit("long", 600, 8, exit_layer=12)
+    before = s.latency.prefill_ms(12, 600)
+    # its prefill took just what the profile says; the rest of the TTFT was others' steps
+    s.finish("long", queue_ms=0.0, ttft_ms=before + d.interleave_ms, total_ms=None)
+    assert s.latency.prefill_ms(12, 600) == pytest.approx(before)

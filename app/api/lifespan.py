@@ -41,6 +41,7 @@ def load_engine(settings: Settings, step_hook: StepHook) -> Any:
         max_seq_len=settings.max_seq_len,
         torch_threads=settings.torch_threads,
         prefill_chunk=settings.prefill_chunk,
+        prefill_stall=settings.prefill_stall,
         weights=settings.weights,
     )
     return open_engine(settings.model, config, step_hook, settings.profile_cache_dir)
@@ -119,6 +120,8 @@ def prepare(state: AppState, loader: EngineLoader) -> None:
             max_slots=max_slots,
             headroom=settings.budget_headroom,
             recheck=settings.budget_recheck,
+            prefill_chunk=settings.prefill_chunk,
+            prefill_stall=settings.prefill_stall,
         ),
     )
     state.metrics.declare_exits(info.exits)

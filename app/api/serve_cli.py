@@ -39,8 +39,13 @@ _FLAGS: dict[str, tuple[str, Any, str]] = {
     "--prefill-chunk": (
         "prefill_chunk",
         int,
-        "prompt tokens prefilled between decode steps, so long prompts do not stall streams "
-        "(default: 256; 0: whole prompts)",
+        "most prompt tokens prefilled between decode steps, so long prompts do not stall "
+        "streams (default: 256; 0: whole prompts)",
+    ),
+    "--prefill-stall": (
+        "prefill_stall",
+        float,
+        "a prefill chunk may take at most this many decode steps' time (default: 1.5)",
     ),
     "--max-new-tokens-limit": ("max_new_tokens_limit", int, "largest max_new_tokens accepted"),
     "--drain-timeout": ("drain_timeout_s", float, "seconds in-flight requests may finish on stop"),

@@ -23,6 +23,14 @@ BENCHES: dict[str, tuple[str, str]] = {
         "app.bench.budget",
         "share of requests meeting budget_ms under Poisson load, against full depth",
     ),
+    "startup": (
+        "app.bench.startup",
+        "seconds until /ready with a cold and a warm profile cache",
+    ),
+    "stall": (
+        "app.bench.stall",
+        "largest inter-token gap of running streams while a long prompt is prefilled",
+    ),
     "quality": (
         "app.bench.quality",
         "held-out loss per exit, SoFT checkpoint against an SFT checkpoint",

@@ -25,7 +25,8 @@ class EngineConfig:
     max_seq_len: int | None = None  # per-request context (prompt + new); None: min(model, 2048)
     torch_threads: int | None = None  # CPU threads for torch; None leaves torch's default
     weights: str = "auto"  # linear weights' format; auto: the dtype's (see app.engine.kernels)
-    prefill_chunk: int = 256  # prompt tokens per loop iteration while others decode; 0: whole
+    prefill_chunk: int = 256  # most prompt tokens per loop iteration while others decode; 0: off
+    prefill_stall: float = 1.5  # a chunk may take this many decode steps' time (chunking.py)
 
     def __post_init__(self) -> None:
         if self.max_slots < 1:
@@ -37,6 +38,8 @@ class EngineConfig:
             raise ValueError(f"dtype must be auto or one of {allowed}, got {self.dtype!r}")
         if self.prefill_chunk < 0:
             raise ValueError(f"prefill_chunk must be 0 (off) or more, got {self.prefill_chunk}")
+        if not self.prefill_stall > 0:
+            raise ValueError(f"prefill_stall must be > 0, got {self.prefill_stall}")
         if self.weights not in WEIGHTS:
             allowed = ", ".join(WEIGHTS)
             raise ValueError(f"weights must be one of {allowed}, got {self.weights!r}")

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from app.engine.batch import Batch
+from app.engine.chunking import ChunkPacer
 from app.engine.codec import TextCodec
 from app.engine.config import DEFAULT_MAX_SEQ_LEN, EngineConfig, resolve_device
 from app.engine.kv_cache import KVCache
@@ -86,9 +87,8 @@ class Engine:
         batch = Batch(
             config.max_slots, max_seq_len, frozenset(checkpoint.eos_token_ids), self._mailbox.done
         )
-        self._loop = EngineLoop(
-            ModelRunner(model, cache), batch, self._mailbox, step_hook, config.prefill_chunk
-        )
+        pacer = ChunkPacer(config.prefill_chunk, config.prefill_stall)
+        self._loop = EngineLoop(ModelRunner(model, cache), batch, self._mailbox, step_hook, pacer)
         self._thread: threading.Thread | None = None
 
     @classmethod

@@ -13,6 +13,7 @@ import logging
 import time
 
 from app.engine.batch import Batch
+from app.engine.chunking import ChunkPacer
 from app.engine.mailbox import Mail, Mailbox
 from app.engine.relay import EventRelay
 from app.engine.runner import ModelRunner
@@ -28,10 +29,10 @@ class EngineLoop:
         batch: Batch,
         mailbox: Mailbox,
         step_hook: StepHook | None,
-        prefill_chunk: int = 0,
+        pacer: ChunkPacer | None = None,
     ) -> None:
         self.runner = runner
-        self.prefill_chunk = prefill_chunk  # prompt tokens per iteration while others decode
+        self.pacer = pacer or ChunkPacer(0, 1.0)  # prompt tokens per iteration while others decode
         self.batch = batch
         self.mailbox = mailbox
         self.step_hook = step_hook
@@ -67,13 +68,13 @@ class EngineLoop:
     def admit(self) -> None:
         """Prefill waiting requests into free rows; each sends its first token at once.
 
-        With ``prefill_chunk``, prompts go in chunks of at most that many tokens per iteration
-        while other requests decode (one long prompt no longer stalls every stream for its whole
-        prefill); with nothing running, chunk after chunk until a request joins.
+        With chunking (:class:`ChunkPacer`), prompts go in chunks sized to stall the running
+        requests for a bounded time per iteration (one long prompt no longer stalls every stream
+        for its whole prefill); with nothing running, chunk after chunk until a request joins.
         """
-        chunk, spent = self.prefill_chunk, 0
+        spent = 0
         while True:
-            allowance = (chunk - spent if self.batch.running else chunk) if chunk else None
+            allowance = self.pacer.allowance(spent, bool(self.batch.running))
             if allowance is not None and allowance <= 0:
                 return  # the rest after the next decode step
             state = self.batch.next_admission()
@@ -84,6 +85,7 @@ class EngineLoop:
             end = len(prompt) if allowance is None else min(len(prompt), start + allowance)
             generate = p.max_new_tokens > 0 and end == len(prompt)  # 0: only score the prompt
             try:
+                t0 = time.perf_counter()
                 out = self.runner.prefill(
                     state.row,
                     prompt,
@@ -96,6 +98,7 @@ class EngineLoop:
                     end=end,
                 )
                 spent += end - start
+                self.pacer.prefilled(end - start, time.perf_counter() - t0)
                 if end < len(prompt):
                     self.batch.chunk_done(state, end - start, out.prompt_scores)
                     continue
@@ -127,6 +130,7 @@ class EngineLoop:
                 batch.finish(state, "error", error=f"decode step failed: {exc}")
             return
         now = time.perf_counter()
+        self.pacer.stepped(now - start)
         report = batch.stepped(tokens, now, now - start, scores)
         if self.step_hook is not None:
             self.report(report)

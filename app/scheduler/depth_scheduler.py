@@ -32,7 +32,13 @@ from typing import Any
 from app.scheduler.calibration import Calibration
 from app.scheduler.load import decode_steps, load_picture, pending_prefill_ms
 from app.scheduler.online import StepLatencyModel, StepReportLike
-from app.scheduler.plans import Decision, Plan, SchedulerConfig, SchedulingError
+from app.scheduler.plans import (
+    Decision,
+    Plan,
+    SchedulerConfig,
+    SchedulingError,
+    interleave_ms,
+)
 from app.scheduler.profile import LatencyProfile
 from app.scheduler.recheck import lower_exits
 from app.scheduler.tracked import Tracked
@@ -102,6 +108,7 @@ class DepthScheduler:
                 lowerable=budget_ms is not None,
                 feasible=decision.feasible,
                 raw_predicted_ms=decision.predicted_ms / self.bias,
+                interleave_ms=decision.interleave_ms,
             )
             self._tracked.add(plan)
             return decision
@@ -122,28 +129,35 @@ class DepthScheduler:
         batch = len(co_plans) + 1
         steps = decode_steps(self.config, max_new_tokens)
 
-        def predict(k: int, capped: bool) -> tuple[float, float]:
+        def predict(k: int, capped: bool) -> tuple[float, float, float]:
+            """(prediction, pace with the newcomer, others' steps between its chunks)"""
             exits = [
                 min(p.exit_layer, k) if capped and p.lowerable else p.exit_layer for p in co_plans
             ]
             pace = self.latency.token_ms([*exits, k])
-            raw = wait_ms + self.latency.prefill_ms(k, prompt_tokens) + steps * pace
-            return raw * self.bias, pace
+            prefill = self.latency.prefill_ms(k, prompt_tokens)
+            others = self.latency.token_ms(exits) if exits else 0.0
+            between = interleave_ms(self.config, prompt_tokens, prefill, others)
+            raw = wait_ms + prefill + between + steps * pace
+            return raw * self.bias, pace, between
+
+        def decision(k: int, predicted: float, between: float, ok: bool, reason: str) -> Decision:
+            return Decision(k, predicted, budget_ms, ok, wait_ms, batch, reason, between)
 
         if exit_layer is not None or budget_ms is None:
             k = exit_layer if exit_layer is not None else self.exits[-1]
             reason = "exit_layer" if exit_layer is not None else "no_budget"
-            return Decision(k, predict(k, False)[0], budget_ms, True, wait_ms, batch, reason)
+            predicted, _, between = predict(k, False)
+            return decision(k, predicted, between, True, reason)
         target = budget_ms * self.calibration.headroom
         for capped in (False, True):
             for k in reversed(self.exits):
-                predicted, pace = predict(k, capped)
+                predicted, pace, between = predict(k, capped)
                 stall = self.latency.prefill_ms(k, prompt_tokens)
                 if predicted <= target and pace <= self._others_limit(co_plans, stall):
-                    return Decision(k, predicted, budget_ms, True, wait_ms, batch, "budget")
-        predicted = predict(self.exits[0], True)[0]
-        feasible = predicted <= budget_ms
-        return Decision(self.exits[0], predicted, budget_ms, feasible, wait_ms, batch, "budget")
+                    return decision(k, predicted, between, True, "budget")
+        predicted, _, between = predict(self.exits[0], True)
+        return decision(self.exits[0], predicted, between, predicted <= budget_ms, "budget")
 
     def _others_limit(self, co_plans: list[Plan], stall_ms: float) -> float:
         """The slowest pace that keeps every running, still savable budgeted request on time
@@ -184,7 +198,9 @@ class DepthScheduler:
             if plan is None:
                 return
             if queue_ms is not None and ttft_ms is not None:
-                self.latency.learn_prefill(plan.exit_layer, plan.prompt_tokens, ttft_ms - queue_ms)
+                # (what the prefill itself took: the others' steps between its chunks aside)
+                prefill_ms = ttft_ms - queue_ms - plan.interleave_ms
+                self.latency.learn_prefill(plan.exit_layer, plan.prompt_tokens, prefill_ms)
             if total_ms is not None:
                 self.calibration.learn(plan, total_ms, completion_tokens)
 

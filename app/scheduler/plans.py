@@ -24,6 +24,7 @@ class Decision:
     expected_queue_ms: float
     expected_batch_size: int
     reason: str  # "budget", "no_budget" or "exit_layer"
+    interleave_ms: float = 0.0  # decode steps of others between its prefill chunks (in predicted)
 
 
 @dataclass
@@ -40,6 +41,7 @@ class Plan:
     abandoned: bool = False  # judged unable to meet its budget: no longer holds others back
     feasible: bool = True  # the prediction at arrival fitted the budget
     raw_predicted_ms: float = 0.0  # the model's prediction at arrival, before calibration
+    interleave_ms: float = 0.0  # of that, others' decode steps between its prefill chunks
 
     def allowed_pace(
         self, now: float, generated: int, fraction: float, stall_ms: float = 0.0
@@ -51,6 +53,21 @@ class Plan:
         if self.budget_ms is None or remaining <= 0:
             return math.inf
         return (self.budget_ms * fraction - (now - self.arrival) * 1000 - stall_ms) / remaining
+
+
+def interleave_ms(
+    config: SchedulerConfig, prompt_tokens: int, prefill_ms: float, others_pace_ms: float
+) -> float:
+    """The decode steps of running requests between a newcomer's prefill chunks: chunks of at
+    most ``prefill_chunk`` tokens, each taking at most ``prefill_stall`` steps (so at least
+    ``prefill / (stall × pace)`` chunks), never under ``min_chunk`` tokens; one step after each
+    chunk but the last. Nothing when chunking is off or nobody else runs."""
+    if not config.prefill_chunk or others_pace_ms <= 0 or prompt_tokens <= 0:
+        return 0.0
+    by_size = math.ceil(prompt_tokens / config.prefill_chunk)
+    by_time = math.ceil(prefill_ms / (config.prefill_stall * others_pace_ms))
+    most = math.ceil(prompt_tokens / min(config.min_chunk, config.prefill_chunk))
+    return (min(max(by_size, by_time), most) - 1) * others_pace_ms
 
 
 @dataclass(frozen=True)
@@ -66,3 +83,6 @@ class SchedulerConfig:
     margin_step: float = 0.05  # how much one miss shrinks the margin (relative)
     margin_min: float = 0.5
     bias_alpha: float = 0.05  # EWMA weight of each finished request in the prediction calibration
+    prefill_chunk: int = 0  # the engine's chunked prefill: most tokens per chunk (0: off)
+    prefill_stall: float = 1.5  # and a chunk's time in decode steps (app/engine/chunking.py)
+    min_chunk: int = 16
