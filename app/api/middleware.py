@@ -28,7 +28,8 @@ class RequestMetricsMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        scope[ARRIVAL_KEY] = time.perf_counter()
+        # a front end that forwards requests (app/ray_serve) may stamp an earlier arrival
+        scope.setdefault(ARRIVAL_KEY, time.perf_counter())
         status = 500
 
         async def send_and_record(message: Message) -> None:

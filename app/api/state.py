@@ -33,6 +33,8 @@ class AppState:
     load_error: str | None = None
     inflight: int = 0  # admitted generation requests not yet finished
     created: int = field(default_factory=lambda: int(time.time()))
+    # the Ray Serve replica serving this app (``sortedserve.replica``); None outside Ray
+    replica: str | None = None
     # called when loading fails, so that the server process can exit (set by serve_cli)
     on_fatal: Callable[[str], None] | None = None
 

@@ -65,8 +65,9 @@ class NativeShape:
     job: Job
 
     def whole(self, final: FinalEvent) -> dict[str, Any]:
-        """The SPEC §3 response object (also the payload of the SSE ``done`` event)."""
-        return {
+        """The SPEC §3 response object (also the payload of the SSE ``done`` event); on Ray
+        Serve it also names the replica that served it (``sortedserve.replica``)."""
+        out = {
             "id": self.job.request_id,
             "text": final.text,
             "finish_reason": final.finish_reason,
@@ -84,6 +85,9 @@ class NativeShape:
                 "ms_per_token": round(final.ms_per_token, 3),
             },
         }
+        if self.service.state.replica is not None:
+            out["sortedserve"] = {"replica": self.service.state.replica}
+        return out
 
     def opening(self) -> list[SseEvent]:
         return []

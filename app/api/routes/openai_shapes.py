@@ -166,12 +166,15 @@ class OpenAIShape:
         return choice
 
     def _sortedserve(self, final: FinalEvent) -> dict[str, Any]:
-        return {
+        out = {
             "exit_layer": final.exit_layer,
             "initial_exit_layer": final.initial_exit_layer,
             "num_layers": self.service.engine.info.num_layers,
             "budget": self.service.budget_report(self.job, final),
         }
+        if self.service.state.replica is not None:
+            out["replica"] = self.service.state.replica
+        return out
 
 
 def _usage(final: FinalEvent) -> dict[str, int]:

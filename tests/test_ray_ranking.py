@@ -1,0 +1,190 @@
+"""Budget-aware routing, pure Python (no Ray): the load picture a replica publishes reproduces its
+depth scheduler's predictions, and the ranking sends each request where it gets the deepest exit
+within its budget (ties by predicted finish), or to the least-loaded replica without a budget."""
+
+from __future__ import annotations
+
+import itertools
+import random
+from dataclasses import dataclass
+
+import pytest
+
+from app.ray_serve.picture import EXTRA_ROWS, LoadPicture, take_picture
+from app.ray_serve.ranking import RequestShape, explain, prospect, rank
+from app.scheduler import DepthScheduler, ExitCost, LatencyProfile, SchedulerConfig
+
+EXITS = (3, 6, 9, 12)
+
+
+def decode_ms(k: int, b: int) -> float:
+    return 1.0 + 0.5 * k * (1 + 0.15 * (b - 1))
+
+
+def profile() -> LatencyProfile:
+    return LatencyProfile(
+        ExitCost(k, 0.02 * k, {b: decode_ms(k, b) for b in (1, 2, 4, 8, 16)}) for k in EXITS
+    )
+
+
+@dataclass(frozen=True)
+class Row:
+    request_id: str
+    exit_layer: int
+    generated: int
+
+
+@dataclass(frozen=True)
+class Report:
+    now: float
+    step_seconds: float
+    rows: tuple[Row, ...]
+    finished: tuple[Row, ...] = ()
+
+    @property
+    def exits(self) -> tuple[int, ...]:
+        return tuple(r.exit_layer for r in (*self.rows, *self.finished))
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 100.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def scheduler_with(running: int, clock: Clock | None = None) -> DepthScheduler:
+    """A scheduler with ``running`` no-budget requests decoding at full depth."""
+    clock = clock or Clock()
+    s = DepthScheduler(profile(), SchedulerConfig(max_slots=16), clock=clock)
+    rows = []
+    for i in range(running):
+        s.admit(f"r{i}", prompt_tokens=10, max_new_tokens=400, arrival=clock.t)
+        rows.append(Row(f"r{i}", 12, 5))
+    if rows:
+        s.on_step(Report(clock.t, 0.0, tuple(rows)))
+    return s
+
+
+def picture_of(name: str, running: int) -> LoadPicture:
+    s = scheduler_with(running)
+    return take_picture(
+        name,
+        s,
+        running=running,
+        waiting=0,
+        inflight=running,
+        max_slots=16,
+        batch_exits=[12] * running,
+        now=1000.0,
+    )
+
+
+@pytest.mark.parametrize("running", [0, 1, 5])
+@pytest.mark.parametrize(("prompt", "new"), [(1, 1), (7, 32), (120, 200)])
+def test_picture_reproduces_the_scheduler_prediction(running: int, prompt: int, new: int) -> None:
+    s = scheduler_with(running)
+    pic = take_picture(
+        "a", s, running=running, waiting=0, inflight=running, max_slots=16, batch_exits=[]
+    )
+    for k in EXITS:
+        expected = s.decide(prompt, new, exit_layer=k).predicted_ms
+        assert pic.predict_ms(k, prompt, new) == pytest.approx(expected, rel=1e-9, abs=1e-9)
+
+
+def test_pace_grows_with_unseen_rows_and_round_trips_through_stats() -> None:
+    pic = picture_of("a", 2)
+    for k in EXITS:
+        paces = pic.pace_ms[k]
+        assert len(paces) == EXTRA_ROWS + 1
+        assert all(b > a for a, b in itertools.pairwise(paces))
+        # past the table, the pace keeps growing
+        assert pic.predict_ms(k, 4, 64, EXTRA_ROWS + 3) > pic.predict_ms(k, 4, 64, EXTRA_ROWS)
+    again = LoadPicture.from_stats(pic.to_stats())
+    assert again == pic
+
+
+def test_unreadable_stats_give_no_picture() -> None:
+    assert LoadPicture.from_stats({}) is None
+    assert LoadPicture.from_stats(None) is None
+    broken = picture_of("a", 0).to_stats()
+    del broken["pace_ms"]["12"]
+    assert LoadPicture.from_stats(broken) is None
+
+
+def test_a_tight_budget_goes_where_it_gets_the_deepest_exit() -> None:
+    busy, idle = picture_of("busy", 8), picture_of("idle", 0)
+    shape = RequestShape(prompt_tokens=10, max_new_tokens=32, budget_ms=200)
+    on_busy, on_idle = prospect(busy, shape), prospect(idle, shape)
+    assert on_idle.exit_layer > on_busy.exit_layer  # the premise: load costs depth
+    assert rank({"busy": busy, "idle": idle}, shape) == ["idle", "busy"]
+    assert rank({"idle": idle, "busy": busy}, shape) == ["idle", "busy"]
+
+
+def test_a_loose_budget_is_a_tie_on_depth_broken_by_the_earlier_finish() -> None:
+    busy, idle = picture_of("busy", 3), picture_of("idle", 0)
+    shape = RequestShape(prompt_tokens=10, max_new_tokens=16, budget_ms=10_000)
+    prospects = explain({"busy": busy, "idle": idle}, shape)
+    assert prospects["busy"].exit_layer == prospects["idle"].exit_layer == 12
+    assert prospects["idle"].predicted_ms < prospects["busy"].predicted_ms
+    assert rank({"busy": busy, "idle": idle}, shape) == ["idle", "busy"]
+
+
+def test_an_infeasible_budget_still_prefers_the_replica_where_it_fits() -> None:
+    a, b = picture_of("a", 12), picture_of("b", 1)
+    # a budget between what the shallowest exit needs on each
+    need_a, need_b = (p.predict_ms(EXITS[0], 10, 64) for p in (a, b))
+    budget = (need_a + need_b / b.headroom) / 2
+    assert need_b / b.headroom < budget < need_a
+    shape = RequestShape(prompt_tokens=10, max_new_tokens=64, budget_ms=budget)
+    pa, pb = prospect(a, shape), prospect(b, shape)
+    assert pb.fits and not pa.fits
+    assert rank({"a": a, "b": b}, shape)[0] == "b"
+
+
+def test_no_budget_goes_to_the_least_loaded_and_unseen_requests_count() -> None:
+    a, b = picture_of("a", 2), picture_of("b", 3)
+    shape = RequestShape(prompt_tokens=10, max_new_tokens=64)
+    assert rank({"a": a, "b": b}, shape) == ["a", "b"]
+    # two requests sent to "a" since its picture: it is now the busier one
+    assert rank({"a": a, "b": b}, shape, {"a": 2}) == ["b", "a"]
+
+
+def test_unseen_requests_lower_the_exit_a_budget_gets() -> None:
+    a = picture_of("a", 1)
+    shape = RequestShape(prompt_tokens=10, max_new_tokens=48, budget_ms=400)
+    exits = [prospect(a, shape, extra).exit_layer for extra in range(0, 12)]
+    assert exits == sorted(exits, reverse=True)
+    assert exits[0] > exits[-1]
+
+
+def test_forced_exit_goes_to_the_earliest_finish_at_that_exit() -> None:
+    a, b = picture_of("a", 4), picture_of("b", 1)
+    shape = RequestShape(prompt_tokens=10, max_new_tokens=64, exit_layer=3)
+    assert prospect(b, shape).exit_layer == 3
+    assert rank({"a": a, "b": b}, shape) == ["b", "a"]
+
+
+def test_replicas_without_a_picture_or_draining_come_last() -> None:
+    good = picture_of("good", 6)
+    draining = LoadPicture.from_stats({**picture_of("d", 0).to_stats(), "draining": True})
+    shape = RequestShape(prompt_tokens=10, max_new_tokens=64, budget_ms=300)
+    order = rank({"new": None, "d": draining, "good": good}, shape)
+    assert order[0] == "good"
+    assert order[-1] == "d"  # a draining replica is the very last resort
+
+
+def test_idle_ties_are_broken_at_random() -> None:
+    shape = RequestShape(prompt_tokens=10, max_new_tokens=64)
+    pictures = {"a": picture_of("a", 0), "b": picture_of("b", 0)}
+    rng = random.Random(7)
+    firsts = {rank(pictures, shape, rng=rng)[0] for _ in range(40)}
+    assert firsts == {"a", "b"}
+
+
+def test_shapes_round_trip_and_reject_garbage() -> None:
+    shape = RequestShape(prompt_tokens=3, max_new_tokens=9, budget_ms=50.0, exit_layer=None)
+    assert RequestShape.from_dict(shape.to_dict()) == shape
+    assert RequestShape.from_dict({"prompt_tokens": "x", "max_new_tokens": 1}) is None
+    assert RequestShape.from_dict(None) is None
