@@ -462,3 +462,23 @@ def test_sse_payloads_stay_on_one_line_for_splitlines_clients() -> None:
     assert payload.splitlines() == [payload]
     assert json.loads(payload) == data
     assert "日本" in payload  # still UTF-8, not ASCII escapes
+
+
+@pytest.mark.parametrize("attempt", range(4))
+def test_a_client_still_sending_a_huge_body_reads_the_413(server: str, attempt: int) -> None:
+    """A plain ``urllib`` client sending 3 MB against the 64 KB limit gets the 413, never a
+    broken pipe or a reset (the server reads the refused body to its end before answering)."""
+    import urllib.error
+    import urllib.request
+
+    body = json.dumps({"prompt": "x" * 3_000_000}).encode()
+    req = urllib.request.Request(
+        f"{server}/v1/generate",
+        data=body,
+        headers={**AUTH, "Content-Type": "application/json"},
+        method="POST",
+    )
+    with pytest.raises(urllib.error.HTTPError) as exc:
+        urllib.request.urlopen(req, timeout=30)
+    assert exc.value.code == 413
+    assert str(MAX_BODY_BYTES) in json.loads(exc.value.read())["error"]

@@ -4,19 +4,24 @@
   template and status.
 - :class:`BodyLimitMiddleware` refuses bodies over ``max_body_bytes`` with 413 before any parsing,
   then replays the buffered body; later ``receive`` calls reach the server, so that a client's
-  disconnect is still seen by the routes.
+  disconnect is still seen by the routes. A refused body is read to its end first (up to
+  ``DRAIN_MAX_BYTES`` and ``DRAIN_TIMEOUT_S``): closing on a client that is still sending gives
+  it a broken pipe or a reset instead of the 413.
 """
 
 from __future__ import annotations
 
 import time
 
+import anyio
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.api.errors import send_error
 from app.api.metrics import Metrics
 
 ARRIVAL_KEY = "sortedserve.arrival"
+DRAIN_MAX_BYTES = 64 << 20  # past this much refused body, answer and close anyway
+DRAIN_TIMEOUT_S = 10.0
 
 
 class RequestMetricsMiddleware:
@@ -57,7 +62,7 @@ class BodyLimitMiddleware:
             return
         declared = _content_length(scope)
         if declared is not None and declared > self.max_body_bytes:
-            await self._too_large(send)
+            await self._too_large(receive, send, 0)
             return
         chunks: list[bytes] = []
         size = 0
@@ -68,7 +73,8 @@ class BodyLimitMiddleware:
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > self.max_body_bytes:
-                await self._too_large(send)
+                more = message.get("more_body", False)
+                await self._too_large(receive if more else None, send, size)
                 return
             chunks.append(chunk)
             if not message.get("more_body", False):
@@ -84,7 +90,17 @@ class BodyLimitMiddleware:
 
         await self.app(scope, replay, send)
 
-    async def _too_large(self, send: Send) -> None:
+    async def _too_large(self, receive: Receive | None, send: Send, received: int) -> None:
+        """413, after reading what is left of the body (``receive``, None when it has all come)."""
+        if receive is not None:
+            with anyio.move_on_after(DRAIN_TIMEOUT_S):
+                while received < DRAIN_MAX_BYTES:
+                    message = await receive()
+                    if message["type"] == "http.disconnect":
+                        return  # nobody left to answer
+                    received += len(message.get("body", b""))
+                    if not message.get("more_body", False):
+                        break
         await send_error(
             send,
             413,
