@@ -58,3 +58,14 @@ default-model: install
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
+
+# llama.cpp beside the engine (issue 12): install the anchors extra (llama-cpp-python compiles
+# llama.cpp, ~12 min on two cores: never part of make test), then run bench decode against it on
+# the base's own GGUF, every weight format, the same threads.
+ANCHOR_WEIGHTS ?= float32,bfloat16,int8,int4
+ANCHOR_THREADS ?= 2
+.PHONY: bench-anchors
+bench-anchors: install
+	$(BIN)/python -m pip install -q -e ".[anchors]"
+	$(BIN)/python -m app bench decode --against llama.cpp --weights $(ANCHOR_WEIGHTS) \
+	  --torch-threads $(ANCHOR_THREADS) --out bench/results/decode-anchors.json

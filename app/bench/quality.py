@@ -48,7 +48,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default="soft",
         help="comma-separated models whose answers to show: soft, sft, base (default soft)",
     )
-    p.add_argument("--out", type=Path, default=Path("bench/results/quality.json"), help="JSON")
+    p.add_argument(
+        "--weights",
+        help="instead: score the SoFT model through the engine in these weight formats, e.g. "
+        "int8,int4, each against the engine's float32 (app/bench/quality_formats.py)",
+    )
+    p.add_argument("--out", type=Path, help="JSON (default bench/results/quality[-weights].json)")
 
 
 def compare(losses: dict[str, dict[str, float]]) -> list[dict[str, Any]]:
@@ -103,6 +108,9 @@ def run(args: argparse.Namespace) -> int:
     from app.training.data import DataError
     from app.training.eval_cli import evaluate_checkpoint
 
+    if args.weights:
+        return _run_formats(args)
+    args.out = args.out or Path("bench/results/quality.json")
     refs = {"soft": args.soft, "sft": args.sft} | ({"base": args.base} if args.base else {})
     t0 = time.perf_counter()
     try:
@@ -159,4 +167,31 @@ def run(args: argparse.Namespace) -> int:
         },
     )
     print(f"wrote {args.out}")
+    return 0
+
+
+def _run_formats(args: argparse.Namespace) -> int:
+    from app.bench.common import machine_info, write_results
+    from app.bench.quality_formats import format_table, score_formats
+    from app.model_store import ModelStoreError
+    from app.training.data import DataError
+
+    formats = [f.strip() for f in args.weights.split(",") if f.strip()]
+    t0 = time.perf_counter()
+    try:
+        result = score_formats(args.soft, args.data, formats, args.exits, args.max_len)
+    except (DataError, ModelStoreError, ValueError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(
+        f"held-out loss per exit and weight format on {args.data} ({result['examples']} examples)"
+    )
+    print(format_table(result))
+    for fmt, met in result["targets_met"].items():
+        print(f"{fmt}: within target at every exit: {'met' if met else 'NOT met'}")
+    out = args.out or Path("bench/results/quality-weights.json")
+    seconds = round(time.perf_counter() - t0, 1)
+    payload = {"bench": "quality-weights", **result, "seconds": seconds, "machine": machine_info()}
+    write_results(out, payload)
+    print(f"wrote {out}")
     return 0
