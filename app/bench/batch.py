@@ -44,6 +44,7 @@ def _ints(text: str) -> list[int]:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_engine_arguments(p, "batch")
+    p.add_argument("--weights", default="auto", help="float32, bfloat16, int8, int4 (default auto)")
     p.add_argument(
         "--streams",
         type=_ints,
@@ -74,6 +75,7 @@ def run(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         max_slots=max(levels),
         torch_threads=args.torch_threads,
+        weights=args.weights,
     )
     engine = load_engine(args.model, config)
     if engine is None:
@@ -202,6 +204,8 @@ def run(args: argparse.Namespace) -> int:
                 "rounds": args.rounds,
                 "device": info.device,
                 "dtype": info.dtype,
+                "weights": info.weights,
+                "weight_kernel": info.weight_kernel,
                 "torch_threads": args.torch_threads,
             },
             "machine": machine_info(load_at_start),
