@@ -203,11 +203,17 @@ def test_pacer_sizes_chunks_to_the_decode_step() -> None:
     pacer = ChunkPacer(256, stall=1.5)
     assert pacer.allowance(0, others_running=True) == 256  # nothing measured yet
     pacer.stepped(0.060)
-    pacer.prefilled(128, 0.256)  # 2 ms a token
+    pacer.prefilled(100, 0.200)  # 2 ms a token, no fixed part seen yet
     assert pacer.allowance(0, others_running=True) == 45  # 1.5 × 60 ms / 2 ms
     assert pacer.allowance(40, others_running=True) == 5
     assert pacer.allowance(0, others_running=False) == 256  # nobody to stall: full chunks
-    pacer.prefilled(16, 0.320)  # 20 ms a token (a long context): EWMA, and never below 16
-    assert pacer.token_s == pytest.approx(0.7 * 0.002 + 0.3 * 0.020)
+    pacer.prefilled(10, 0.038)  # 20 ms fixed + 1.8 ms a token, through both samples
+    fixed, per_token = pacer.cost_line() or (0, 0)
+    assert fixed == pytest.approx(0.020) and per_token == pytest.approx(0.0018)
+    assert pacer.allowance(0, others_running=True) == int((0.090 - 0.020) / 0.0018)
+    pacer.stepped(0.010)  # a faster step (EWMA) leaves room for the smallest chunk only
+    assert pacer.step_s == pytest.approx(0.7 * 0.060 + 0.3 * 0.010)
+    pacer.stepped(0.001)
+    pacer.stepped(0.001)
     assert pacer.allowance(0, others_running=True) == 16
     assert ChunkPacer(0, 1.5).allowance(0, others_running=True) is None  # off

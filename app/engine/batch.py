@@ -17,9 +17,12 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from app.engine.request_state import RequestState, RowSampling, Scores
+from app.engine.rows import plan_rows
 from app.engine.types import Event, FinishReason, RowState, StepReport
 
 logger = logging.getLogger(__name__)
+
+__all__ = ["Batch", "Layout", "Outbox", "StepInputs", "plan_rows"]
 
 Outbox = dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, Event]]]
 
@@ -242,30 +245,3 @@ class Batch:
     def take_events(self) -> Outbox:
         outbox, self.outbox = self.outbox, {}
         return outbox
-
-
-def plan_rows(current: Sequence[int], exits: Sequence[int]) -> list[int]:
-    """New rows for requests now in rows ``current`` with ``exits``: grouped by exit, deepest first.
-
-    The result fills rows ``0..n-1``; a request keeps its row when the row already lies inside its
-    exit group's range, so a join, a leave or a lowered exit moves at most one row per exit group.
-    """
-    n = len(current)
-    order = sorted(range(n), key=lambda i: -exits[i])
-    ranges: dict[int, tuple[int, int]] = {}
-    for rank, i in enumerate(order):
-        start, _ = ranges.get(exits[i], (rank, rank))
-        ranges[exits[i]] = (start, rank + 1)
-    new = [-1] * n
-    taken: set[int] = set()
-    for i in range(n):
-        start, end = ranges[exits[i]]
-        if start <= current[i] < end:
-            new[i] = current[i]
-            taken.add(current[i])
-    for exit_layer, (start, end) in ranges.items():
-        free = iter(r for r in range(start, end) if r not in taken)
-        for i in range(n):
-            if exits[i] == exit_layer and new[i] < 0:
-                new[i] = next(free)
-    return new

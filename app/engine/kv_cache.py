@@ -25,7 +25,7 @@ from collections.abc import Sequence
 
 import torch
 
-from app.engine.batch import plan_rows
+from app.engine.rows import plan_rows
 
 __all__ = ["KVCache", "plan_rows"]
 
