@@ -21,6 +21,7 @@ from app.engine.batch import Batch
 from app.engine.chunking import ChunkPacer
 from app.engine.codec import TextCodec
 from app.engine.config import DEFAULT_MAX_SEQ_LEN, EngineConfig, resolve_device
+from app.engine.invariants import check_request
 from app.engine.kv_cache import KVCache
 from app.engine.loader import Checkpoint, load_checkpoint
 from app.engine.loop import EngineLoop
@@ -172,7 +173,7 @@ class Engine:
     # -- requests ---------------------------------------------------------------------------------
     async def generate(self, request: GenerationRequest) -> AsyncIterator[Event]:
         """Token events, then one :class:`FinalEvent`. Leaving early cancels the request."""
-        self._check(request)
+        check_request(request, self.info)
         if request.arrival_time is None:
             request.arrival_time = time.perf_counter()
         queue: asyncio.Queue[Event] = asyncio.Queue()
@@ -193,45 +194,6 @@ class Engine:
     def cancel(self, request_id: str) -> None:
         """Cancel a waiting or running request; it leaves within one step (thread-safe)."""
         self._mailbox.cancel(request_id)
-
-    def _check(self, request: GenerationRequest) -> None:
-        """The invariants the cache and the model rely on. The API validates its requests with
-        field names before they get here; this guards direct callers (benchmarks, tests)."""
-        n, info, p = len(request.prompt_ids), self.info, request.sampling
-        problems = [
-            (n == 0, "the prompt is empty"),
-            (
-                n >= info.max_seq_len,
-                f"the prompt has {n} tokens; the context holds {info.max_seq_len} "
-                "(prompt plus at least one new token)",
-            ),
-            (
-                not 1 <= request.exit_layer <= info.num_layers,
-                f"exit_layer {request.exit_layer} is outside 1..{info.num_layers}",
-            ),
-            (
-                any(not 0 <= t < info.vocab_size for t in request.prompt_ids),
-                f"the prompt has token ids outside 0..{info.vocab_size - 1}",
-            ),
-            (
-                p.max_new_tokens < (0 if p.prompt_logprobs is not None else 1),
-                "max_new_tokens must be at least 1 (0 only with prompt_logprobs)",
-            ),
-            (
-                any(
-                    n is not None and not 0 <= n <= info.vocab_size
-                    for n in (p.logprobs, p.prompt_logprobs)
-                ),
-                f"logprobs and prompt_logprobs must be in 0..{info.vocab_size}",
-            ),
-            (
-                p.temperature < 0 or not 0 < p.top_p <= 1 or p.top_k < 0,
-                "temperature must be >= 0, top_p in (0, 1] and top_k >= 0",
-            ),
-        ]
-        for bad, message in problems:
-            if bad:
-                raise ValueError(message)
 
 
 def _model_info(
