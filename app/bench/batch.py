@@ -9,8 +9,9 @@ interleaved round by round; medians are reported.
 
 Reported per level: aggregate tokens/s (all tokens / wall time) and its ratio to one stream, the
 same per CPU second of this process (steadier on a shared machine), mean ms per decoded token of a
-request, and median time to first token. Issue 3's target: 16 streams give at least 4x the
-aggregate tokens/s of one stream. Writes JSON with machine info to ``--out``.
+request, and median time to first token. Target (``--target-ratio``): 16 streams give at least 8x
+the aggregate tokens/s of one stream on Sorted SmolLM2 (issue 11; issue 3 asked 4x of the 3.4 M
+toy). Writes JSON with machine info to ``--out``.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from app.bench.common import (
 logger = logging.getLogger(__name__)
 
 TARGET_STREAMS = 16
-TARGET_RATIO = 4.0
+TARGET_RATIO = 8.0
 
 
 def _ints(text: str) -> list[int]:
@@ -62,6 +63,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         type=_ints,
         default=None,
         help="exits the requests cycle through, comma-separated (default: every trained exit)",
+    )
+    p.add_argument(
+        "--target-ratio",
+        type=float,
+        default=TARGET_RATIO,
+        help=f"16 streams vs 1 target in aggregate tokens/s (default {TARGET_RATIO:g}: issue 11 "
+        "on Sorted SmolLM2; issue 3 asked 4 of the toy)",
     )
 
 
@@ -154,9 +162,11 @@ def run(args: argparse.Namespace) -> int:
     target = next((r for r in rows if r["streams"] == TARGET_STREAMS), None)
     verdict = {
         "ratio_16_vs_1": target["ratio_vs_1_stream"] if target else None,
-        "target": TARGET_RATIO,
+        "target": args.target_ratio,
         "met": bool(
-            target and target["ratio_vs_1_stream"] and target["ratio_vs_1_stream"] >= TARGET_RATIO
+            target
+            and target["ratio_vs_1_stream"]
+            and target["ratio_vs_1_stream"] >= args.target_ratio
         ),
     }
     print(
@@ -188,7 +198,7 @@ def run(args: argparse.Namespace) -> int:
     if verdict["ratio_16_vs_1"] is not None:
         print(
             f"16 streams vs 1: {verdict['ratio_16_vs_1']:.2f}x "
-            f"(target >= {TARGET_RATIO}x: {'met' if verdict['met'] else 'NOT met'})"
+            f"(target >= {args.target_ratio:g}x: {'met' if verdict['met'] else 'NOT met'})"
         )
     path = write_results(
         args.out,

@@ -1,13 +1,15 @@
-"""The budget benchmark's numbers: one summary per (rate, arm) run, the verdict, the table.
+"""The budget benchmark's numbers: one summary per (repeat, rate, arm) run.
 
 Kept apart from the runner so that the arithmetic (what counts as met, missed or invalid, and the
-prediction error) reads on its own and needs no server.
+prediction error) reads on its own and needs no server. The figures over repeats, the verdict
+and the printed tables are in :mod:`app.bench.budget_repeats`.
 """
 
 from __future__ import annotations
 
 import statistics
 from collections import Counter
+from collections.abc import Sequence
 from typing import Any
 
 from app.bench.budget_load import Outcome
@@ -20,15 +22,49 @@ def _pct(values: list[float], q: float) -> float | None:
     return round(ordered[min(int(q * len(ordered)), len(ordered) - 1)], 2)
 
 
-def summarize(outcomes: list[Outcome], budget_ms: float, exits: list[int]) -> dict[str, Any]:
-    """One run's figures: met share, exit mix, latency percentiles and prediction error."""
+def _group(items: list[tuple[Outcome, float]]) -> dict[str, Any]:
+    """Met shares of a group of (outcome, budget): on the client's clock and on the server's."""
+    n = len(items)
+    met = sum(1 for o, b in items if o.status == 200 and o.client_ms <= b)
+    server = sum(1 for o, b in items if o.status == 200 and o.body["budget"]["elapsed_ms"] <= b)
+    return {
+        "requests": n,
+        "met_share": round(met / n, 4) if n else None,
+        "server_met_share": round(server / n, 4) if n else None,
+        "median_budget_ms": round(statistics.median(b for _, b in items), 1) if n else None,
+    }
+
+
+def summarize(
+    outcomes: list[Outcome],
+    budget_ms: float | Sequence[float],
+    exits: list[int],
+    budget_classes: Sequence[str] | None = None,
+    prompt_classes: Sequence[str] | None = None,
+) -> dict[str, Any]:
+    """One run's figures: met share, exit mix, latency percentiles and prediction error.
+
+    ``budget_ms`` is one budget for all or one per request. A request meets its budget when the
+    **client** got the whole answer within it (``met_share``); ``server_met_share`` judges the
+    same by the server's own ``elapsed_ms``. With ``budget_classes`` / ``prompt_classes`` (one
+    label per request) the met shares are given per class too.
+    """
+    budgets = (
+        [float(budget_ms)] * len(outcomes)
+        if isinstance(budget_ms, int | float)
+        else list(budget_ms)
+    )
+    labels_b = list(budget_classes or ["all"] * len(outcomes))
+    labels_p = list(prompt_classes or ["all"] * len(outcomes))
     # a request the server refused as invalid (e.g. a prompt past the context) is not a budget
     # miss of either arm: it is reported and left out; 429s and failures count as misses
-    invalid = [o for o in outcomes if 400 <= o.status < 500 and o.status != 429]
-    outcomes = [o for o in outcomes if o not in invalid]
+    keep = [i for i, o in enumerate(outcomes) if not (400 <= o.status < 500 and o.status != 429)]
+    invalid = len(outcomes) - len(keep)
+    outcomes_all = outcomes
+    items = [(outcomes[i], budgets[i]) for i in keep]
+    outcomes = [outcomes[i] for i in keep]
     done = [o for o in outcomes if o.status == 200]
     elapsed = [o.body["budget"]["elapsed_ms"] for o in done]
-    met = sum(1 for e in elapsed if e <= budget_ms)
     ratios = [o.body["budget"]["elapsed_ms"] / o.body["budget"]["predicted_ms"] for o in done]
     full_length = [
         o.body["budget"]["elapsed_ms"] / o.body["budget"]["predicted_ms"]
@@ -38,13 +74,32 @@ def summarize(outcomes: list[Outcome], budget_ms: float, exits: list[int]) -> di
     final = Counter(o.body["exit_layer"] for o in done)
     initial = Counter(o.body["budget"]["initial_exit_layer"] for o in done)
     n = len(outcomes)
+    overall = _group(items)
+
+    def by(labels: list[str]) -> dict[str, Any]:
+        groups: dict[str, list[tuple[Outcome, float]]] = {}
+        for i, item in zip(keep, items, strict=True):
+            groups.setdefault(labels[i], []).append(item)
+        return {k: _group(v) for k, v in sorted(groups.items())}
+
+    tokens: dict[str, list[int]] = {}
+    for i in keep:
+        if outcomes_all[i].status == 200:
+            tokens.setdefault(labels_p[i], []).append(
+                outcomes_all[i].body["usage"]["prompt_tokens"]
+            )
+    prompt_tokens = {k: round(statistics.fmean(v), 1) for k, v in sorted(tokens.items())}
     return {
         "requests": n,
         "completed": len(done),
         "refused_429": sum(1 for o in outcomes if o.status == 429),
-        "invalid_4xx": len(invalid),
+        "invalid_4xx": invalid,
         "failed": sum(1 for o in outcomes if o.status not in (200, 429)),
-        "met_share": round(met / n, 4) if n else None,
+        "met_share": overall["met_share"],
+        "server_met_share": overall["server_met_share"],
+        "by_budget_class": by(labels_b),
+        "by_prompt_class": by(labels_p),
+        "mean_prompt_tokens": prompt_tokens,
         "exit_mix": {str(k): round(final[k] / len(done), 3) for k in exits} if done else {},
         "initial_exit_mix": {str(k): round(initial[k] / len(done), 3) for k in exits}
         if done
@@ -74,60 +129,3 @@ def summarize(outcomes: list[Outcome], budget_ms: float, exits: list[int]) -> di
         },
         "completion_tokens": sum(o.body["usage"]["completion_tokens"] for o in done),
     }
-
-
-def verdict(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """Is there a rate where full depth meets < 50% of budgets and SortedServe ≥ 95%?"""
-    by_rate: dict[float, dict[str, dict[str, Any]]] = {}
-    for run in runs:
-        by_rate.setdefault(run["rate"], {})[run["arm"]] = run
-    hard = [
-        {
-            "rate": rate,
-            "full_depth_met": arms["full-depth"]["met_share"],
-            "sortedserve_met": arms["sortedserve"]["met_share"],
-        }
-        for rate, arms in sorted(by_rate.items())
-        if (arms["full-depth"]["met_share"] or 0) < 0.5
-    ]
-    errors = [
-        r["prediction_error"]["median_abs_length"]
-        for r in runs
-        if r["arm"] == "sortedserve" and r["prediction_error"]["median_abs_length"] is not None
-    ]
-    wins = [h["rate"] for h in hard if (h["sortedserve_met"] or 0) >= 0.95]
-    return {
-        "rates_where_full_depth_meets_under_half": hard,
-        "rates_where_sortedserve_meets_95_there": wins,
-        "target_met": bool(wins),
-        "median_prediction_error_sortedserve": round(statistics.median(errors), 4)
-        if errors
-        else None,
-    }
-
-
-def report(result: dict[str, Any]) -> str:
-    """The printed table: one line per (rate, arm), then the verdict in a sentence."""
-    from app.bench.common import table
-
-    exits = result["exits"]
-    headers = ["rate/s", "arm", "met %", "p50 ms", "p99 ms"]
-    headers += [f"exit {k} %" for k in exits] + ["pred err", "429"]
-    rows = []
-    for r in result["runs"]:
-        err = r["prediction_error"]["median_abs_length"]
-        rows.append(
-            [r["rate"], r["arm"], 100 * (r["met_share"] or 0), r["latency_ms"]["p50"] or 0.0,
-             r["latency_ms"]["p99"] or 0.0]
-            + [100 * r["exit_mix"].get(str(k), 0) for k in exits]
-            + [float("nan") if err is None else err, r["refused_429"]]
-        )  # fmt: skip
-    v = result["verdict"]
-    hard = [h["rate"] for h in v["rates_where_full_depth_meets_under_half"]]
-    summary = (
-        f"budget {result['budget_ms']} ms, {result['max_new_tokens']} new tokens; "
-        f"full depth meets < 50% at rates {hard}; SortedServe meets ≥ 95% at "
-        f"{v['rates_where_sortedserve_meets_95_there']}; median |actual/predicted − 1| "
-        f"{v['median_prediction_error_sortedserve']}"
-    )
-    return table(headers, rows) + "\n" + summary
