@@ -211,6 +211,44 @@ def parse_sse(lines: Iterator[str]) -> Iterator[tuple[str, Any]]:
             event = "message"
 
 
+def generated_tokens(server: RayServerProcess) -> dict[str, float]:
+    """Tokens each replica has generated so far (its sortedserve_generated_tokens_total)."""
+    text = httpx.get(f"{server.url}/metrics", timeout=30).text
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name == "sortedserve_generated_tokens_total":
+                out[s.labels["replica"]] = out.get(s.labels["replica"], 0.0) + s.value
+    return out
+
+
+def test_a_client_that_leaves_cancels_its_request_on_the_replica(
+    cluster: RayServerProcess,
+) -> None:
+    def inflight() -> dict[str, int]:
+        r = httpx.get(f"{cluster.url}/ready", timeout=30).json()
+        return {d["replica"]: d["inflight"] for d in r["details"]}
+
+    before = generated_tokens(cluster)
+    with httpx.stream(
+        "POST",
+        f"{cluster.url}/v1/generate",
+        json={"prompt": "Once", "max_new_tokens": LONG, "ignore_eos": True, "stream": True},
+        timeout=60,
+    ) as r:
+        replica = r.headers["x-sortedserve-replica"]
+        lines = r.iter_lines()
+        next(line for line in lines if line.startswith("data:"))
+    # the connection is closed after the first token
+    left = time.monotonic()
+    while time.monotonic() - left < 10 and inflight()[replica] != 0:
+        time.sleep(0.1)
+    assert inflight()[replica] == 0
+    made = generated_tokens(cluster)[replica] - before.get(replica, 0.0)
+    print(f"{made:.0f} of {LONG} tokens made before the cancel reached the engine")
+    assert made < LONG / 2  # cancelled, not run to its end
+
+
 def test_a_killed_replica_ends_its_stream_and_is_replaced(cluster: RayServerProcess) -> None:
     before = ready_replicas(cluster)
     assert len(before) == 2

@@ -39,6 +39,9 @@ class RayAppArgs(BaseModel):
     target_ongoing_requests: float | None = Field(
         None, gt=0, description="autoscaling target per replica (default: its batch slots)"
     )
+    met_target: float = Field(0.9, gt=0, le=1, description="autoscale up below this budget share")
+    upscale_delay_s: float = Field(5.0, ge=0)
+    downscale_delay_s: float = Field(60.0, ge=0)
 
     @model_validator(mode="after")
     def _bounds(self) -> RayAppArgs:
@@ -66,8 +69,8 @@ class RayAppArgs(BaseModel):
         return Settings(**self.replica_settings()).max_batch_size
 
     def autoscaling_config(self) -> dict[str, Any] | None:
-        """Scale on our own queue: Ray counts a replica's ongoing requests (running + waiting);
-        with the target at the batch's slots, it adds replicas once requests start waiting."""
+        """Scale on our own signals: requests waiting for a batch slot and the share of budgets
+        met, as each replica reports them (app/ray_serve/autoscaling.py)."""
         if not self.autoscaling:
             return None
         return {
@@ -75,8 +78,14 @@ class RayAppArgs(BaseModel):
             "initial_replicas": max(self.replicas, self.min_replicas or 0),
             "max_replicas": self.max_replicas,
             "target_ongoing_requests": self.target_ongoing_requests or self.batch_slots(),
-            "upscale_delay_s": 5.0,
-            "downscale_delay_s": 60.0,
+            "upscale_delay_s": self.upscale_delay_s,
+            "downscale_delay_s": self.downscale_delay_s,
+            "metrics_interval_s": 1.0,
+            "look_back_period_s": 5.0,
+            "policy": {
+                "policy_function": "app.ray_serve.autoscaling:SortedServePolicy",
+                "policy_kwargs": {"met_target": self.met_target},
+            },
         }
 
 

@@ -33,7 +33,7 @@ from app.ray_serve.shapes import TokenCounter, read_shape
 
 logger = logging.getLogger(__name__)
 
-_FANOUT_TIMEOUT_S = 5.0
+_FANOUT_TIMEOUT_S = 3.0
 _ATTEMPTS = 2  # a replica that dies before its first byte: one more try elsewhere
 
 
@@ -75,6 +75,9 @@ class SortedServeIngress:
             call = self.engine.options(method_name=method).remote(**{FANOUT_KWARG: list(seen)})
             try:
                 answer = await asyncio.wait_for(call, _FANOUT_TIMEOUT_S)
+            except TimeoutError:  # no replica to route to (or none answering): stop asking
+                logger.info("fan-out %s: no answer within %.0f s", method, _FANOUT_TIMEOUT_S)
+                break
             except Exception as exc:  # a replica going away mid-question: ask the others
                 logger.info("fan-out %s: %s", method, type(exc).__name__)
                 continue

@@ -21,6 +21,7 @@ from typing import Any
 from app.api.lifespan import StepHook, load_engine
 from app.api.main import create_app
 from app.ray_serve.asgi_bridge import ForwardedRequest, ResponseStart, call_app
+from app.ray_serve.autoscaling import replica_stats
 from app.ray_serve.picture import take_picture
 from app.settings import Settings
 
@@ -114,6 +115,10 @@ class EngineReplica:
             ready=state.ready,
             draining=state.draining,
         ).to_stats()
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """Waiting and running requests, slots, budgets met and missed (see autoscaling.py)."""
+        return replica_stats(self.state)
 
     def check_health(self) -> None:
         if self.state.load_error:

@@ -63,6 +63,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--min-replicas", type=int, default=None, help="autoscale: at least")
     parser.add_argument("--max-replicas", type=int, default=None, help="autoscale: at most")
+    parser.add_argument(
+        "--met-target", type=float, default=0.9, help="autoscale up below this share of budgets met"
+    )
+    parser.add_argument(
+        "--upscale-delay", type=float, default=5.0, help="autoscale: seconds before adding (5)"
+    )
+    parser.add_argument(
+        "--downscale-delay", type=float, default=60.0, help="autoscale: seconds before removing"
+    )
     for flag, (_, kind, help_text) in _REPLICA_FLAGS.items():
         parser.add_argument(flag, type=kind, default=None, help=help_text)
 
@@ -89,6 +98,9 @@ def app_args(args: argparse.Namespace) -> Any:
         health_check_period_s=args.health_check_period,
         min_replicas=args.min_replicas,
         max_replicas=args.max_replicas,
+        met_target=args.met_target,
+        upscale_delay_s=args.upscale_delay,
+        downscale_delay_s=args.downscale_delay,
     )
 
 
