@@ -50,7 +50,9 @@ class Settings(BaseSettings):
         3, ge=0, description="exits measured at start-up (the rest fitted); 0 measures all"
     )
     profile_max_s: float = Field(
-        15.0, gt=0, description="seconds the start-up profile may take (batch 1 always runs)"
+        15.0,
+        gt=0,
+        description="seconds the start-up profile may take (batch 1 and the largest always run)",
     )
     budget_headroom: float = Field(
         0.9, gt=0, le=1, description="pick exits predicted to finish within budget_ms × this"

@@ -7,8 +7,8 @@ is running, because it borrows cache rows ``0..b-1``.
 Only a few exits are measured (by default the shallowest, a middle one and the deepest): a step
 costs the head plus *k* layers, so the scheduler's profile fits that line through them and fills
 in the other exits (:func:`app.scheduler.profile.fill_exits`). Batch sizes are measured 1 first,
-then the largest, then the others, until ``max_seconds`` is spent: a 30-layer model with 30 exits
-is ready in seconds, not minutes.
+then the largest (both always), then the others while ``max_seconds`` lasts: a 30-layer model
+with 30 exits is ready in seconds, not minutes.
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ def measure_profile(
     max_seconds: float = float("inf"),
 ) -> list[ProfilePoint]:
     """Points for :func:`profile_exits` ``(info.exits, depths)``, with the batch sizes that fit
-    in ``max_seconds`` (batch 1 always, whatever it costs)."""
+    in ``max_seconds`` (batch 1 and the largest always, whatever they cost)."""
     decode_steps = max(1, decode_steps)
     prompt_tokens = max(1, min(prompt_tokens, info.max_seq_len - decode_steps - 2))
     sizes = batch_order([b for b in batch_sizes if 1 <= b <= runner.cache.max_slots])
@@ -68,16 +68,17 @@ def measure_profile(
     )  # fmt: skip
     prefill = {k: _prefill_ms_per_token(runner, prompt, k) for k in exits}
     decode: dict[int, dict[int, float]] = {k: {} for k in exits}
-    last_b, last_s = 0, 0.0
+    must = set(sizes[:2])  # batch 1 and the largest: idle and full-load predictions need them
+    largest_s = 0.0  # what the largest measured size took: a smaller one takes no longer
     for b in sizes:
         elapsed = time.perf_counter() - started
-        if last_b and elapsed + last_s * b / last_b > max_seconds:
-            logger.info("profile: batch %d and larger skipped (%.1f s spent)", b, elapsed)
-            continue  # a smaller one may still fit
+        if b not in must and elapsed + largest_s > max_seconds:
+            logger.info("profile: batch %d skipped (%.1f s spent)", b, elapsed)
+            continue
         t0 = time.perf_counter()
         for k in exits:
             decode[k][b] = _decode_ms(runner, prompt, k, b, decode_steps)
-        last_b, last_s = b, time.perf_counter() - t0
+        largest_s = max(largest_s, time.perf_counter() - t0)
         logger.info(
             "profile: batch %d measured, %s ms per step at exits %s (%.1f s)",
             b, [round(decode[k][b], 2) for k in exits], exits, time.perf_counter() - started,
