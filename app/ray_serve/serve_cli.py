@@ -5,7 +5,8 @@ one, deploys ``SortedServeIngress`` and ``--replicas`` ``SortedServeEngine`` rep
 the checkpoint once), and serves on ``--host``:``--port`` through Ray Serve's proxy. Requests go to
 the replica where they get the deepest exit within their ``budget_ms`` (``--router budget``; also
 ``pow2``, Ray's default, and ``round_robin``, to compare). ``/ready`` answers 200 once every replica
-is ready. SIGTERM/SIGINT stop the application (replicas drain) and the local cluster.
+is ready. SIGTERM/SIGINT delete the application (replicas drain), then stop the local cluster (a
+joined cluster keeps running).
 Needs the ``[ray]`` extra: ``pip install -e '.[ray]'``.
 """
 
@@ -160,6 +161,9 @@ def run(args: argparse.Namespace) -> int:
         return 1
     finally:
         try:
-            serve.shutdown()
+            if args.address:  # a shared cluster: remove our application, leave Serve running
+                serve.delete(APP_NAME)
+            else:
+                serve.shutdown()
         finally:
             ray.shutdown()
