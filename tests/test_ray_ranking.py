@@ -7,6 +7,7 @@ from __future__ import annotations
 import itertools
 import random
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
@@ -188,3 +189,37 @@ def test_shapes_round_trip_and_reject_garbage() -> None:
     assert RequestShape.from_dict(shape.to_dict()) == shape
     assert RequestShape.from_dict({"prompt_tokens": "x", "max_new_tokens": 1}) is None
     assert RequestShape.from_dict(None) is None
+
+
+def test_the_ingress_reads_each_route_s_shape_without_validating() -> None:
+    from app.ray_serve.shapes import TokenCounter, read_shape
+
+    counter = TokenCounter(None)  # no tokenizer: characters / 4
+    native = read_shape(
+        "/v1/generate",
+        b'{"prompt": "abcdefgh", "budget_ms": 80}',
+        counter,
+        default_max_new_tokens=128,
+    )
+    assert native == RequestShape(prompt_tokens=3, max_new_tokens=128, budget_ms=80.0)
+    completion = read_shape("/v1/completions", b'{"prompt": [5, 6, 7], "exit_layer": 3}', counter)
+    assert completion == RequestShape(prompt_tokens=3, max_new_tokens=16, exit_layer=3)
+    chat = read_shape(
+        "/v1/chat/completions",
+        b'{"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 9}',
+        counter,
+    )
+    assert chat is not None and chat.max_new_tokens == 9 and chat.prompt_tokens >= 6
+    assert read_shape("/v1/generate", b"{broken", counter) is None
+    assert read_shape("/v1/generate", b'{"budget_ms": "soon"}', counter) is None
+    assert read_shape("/info", b"", counter) is None
+
+
+def test_the_checkpoint_tokenizer_counts_prompt_tokens(tiny_checkpoint: Path) -> None:
+    from transformers import AutoTokenizer
+
+    from app.ray_serve.shapes import TokenCounter
+
+    text = "Once upon a time there was a little girl."
+    expected = len(AutoTokenizer.from_pretrained(tiny_checkpoint)(text)["input_ids"])
+    assert abs(TokenCounter(tiny_checkpoint).count(text) - expected) <= 1  # BOS aside

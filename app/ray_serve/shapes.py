@@ -15,6 +15,7 @@ logger = logging.getLogger(__name__)
 GENERATION_PATHS = frozenset({"/v1/generate", "/v1/completions", "/v1/chat/completions"})
 _CHARS_PER_TOKEN = 4.0  # when the checkpoint's tokenizer.json is not at hand
 _CHAT_TOKENS_PER_MESSAGE = 6  # role markers of a chat template, roughly
+_COMPLETIONS_DEFAULT_TOKENS = 16  # app/api/openai_schemas.py, as OpenAI
 
 
 class TokenCounter:
@@ -53,8 +54,11 @@ def read_shape(
         tokens = _prompt_tokens(data, counter)
         if path == "/v1/generate":
             new = data.get("max_new_tokens", default_max_new_tokens)
+        elif path == "/v1/completions":  # OpenAI's default there is 16
+            new = data.get("max_tokens", _COMPLETIONS_DEFAULT_TOKENS)
+            new = default_max_new_tokens if new is None else new
         else:
-            new = data.get("max_completion_tokens", data.get("max_tokens"))
+            new = data.get("max_completion_tokens") or data.get("max_tokens")
             new = default_max_new_tokens if new is None else new
         budget = data.get("budget_ms")
         exit_layer = data.get("exit_layer")
