@@ -311,6 +311,36 @@ def test_a_killed_replica_ends_its_stream_and_is_replaced(cluster: RayServerProc
     assert newcomer in served, (served, after)
 
 
+def test_a_request_whose_replica_dies_before_answering_is_retried(
+    cluster: RayServerProcess,
+) -> None:
+    deadline = time.monotonic() + 120
+    while len(ready_replicas(cluster)) < 2 and time.monotonic() < deadline:
+        time.sleep(1)
+    answers: list[httpx.Response] = []
+
+    def long() -> None:
+        answers.append(generate(cluster, max_new_tokens=LONG, ignore_eos=True))
+
+    threads = [threading.Thread(target=long) for _ in range(2)]
+    for t in threads:
+        t.start()
+    busy: list[dict[str, Any]] = []
+    while not busy and any(t.is_alive() for t in threads):
+        details = httpx.get(f"{cluster.url}/ready", timeout=30).json().get("details", [])
+        busy = [d for d in details if d["inflight"] > 0]
+    assert busy, "the requests ended before one could be interrupted"
+    victim = busy[0]
+    os.kill(victim["pid"], signal.SIGKILL)
+    for t in threads:
+        t.join()
+    # a JSON answer is sent whole at its end: the interrupted one ran again elsewhere
+    assert [a.status_code for a in answers] == [200, 200], [a.text for a in answers]
+    served = {a.json()["sortedserve"]["replica"] for a in answers}
+    assert victim["replica"] not in served
+    assert all(a.json()["usage"]["completion_tokens"] == LONG for a in answers)
+
+
 def test_sigterm_stops_the_application_and_the_cluster(cluster: RayServerProcess) -> None:
     """Last in this module: the SIGTERM stop of the fixture's own server."""
     assert cluster.proc is not None
