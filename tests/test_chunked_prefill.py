@@ -199,21 +199,26 @@ def test_batch_moves_a_prefilling_row_out_of_the_way() -> None:
     assert (n := batch.next_admission()) is not None and n.row == 2
 
 
-def test_pacer_sizes_chunks_to_the_decode_step() -> None:
+def test_pacer_steers_chunks_to_the_decode_step() -> None:
     pacer = ChunkPacer(256, stall=1.5)
-    assert pacer.allowance(0, others_running=True) == 256  # nothing measured yet
-    pacer.stepped(0.060)
-    pacer.prefilled(100, 0.200)  # 2 ms a token, no fixed part seen yet
-    assert pacer.allowance(0, others_running=True) == 45  # 1.5 × 60 ms / 2 ms
-    assert pacer.allowance(40, others_running=True) == 5
+    assert pacer.allowance(0, others_running=True) == 32  # before any measurement
     assert pacer.allowance(0, others_running=False) == 256  # nobody to stall: full chunks
-    pacer.prefilled(10, 0.038)  # 20 ms fixed + 1.8 ms a token, through both samples
-    fixed, per_token = pacer.cost_line() or (0, 0)
-    assert fixed == pytest.approx(0.020) and per_token == pytest.approx(0.0018)
-    assert pacer.allowance(0, others_running=True) == int((0.090 - 0.020) / 0.0018)
-    pacer.stepped(0.010)  # a faster step (EWMA) leaves room for the smallest chunk only
-    assert pacer.step_s == pytest.approx(0.7 * 0.060 + 0.3 * 0.010)
-    pacer.stepped(0.001)
-    pacer.stepped(0.001)
+    pacer.prefilled(32, 0.010)  # no decode step seen yet: nothing to aim at
+    assert pacer.allowance(0, others_running=True) == 32
+    pacer.stepped(0.060)  # target: 90 ms a chunk
+    pacer.prefilled(32, 0.030)  # 3x too fast: at most doubles
+    assert pacer.allowance(0, others_running=True) == 64
+    assert pacer.allowance(40, others_running=True) == 24
+    pacer.prefilled(64, 0.180)  # 2x too slow (a long context): halves
+    assert pacer.allowance(0, others_running=True) == 32
+    pacer.prefilled(10, 0.500)  # a prompt's short tail: says nothing
+    assert pacer.allowance(0, others_running=True) == 32
+    pacer.prefilled(32, 5.0)  # far too slow: never under 16
     assert pacer.allowance(0, others_running=True) == 16
+    pacer.stepped(0.010)
+    assert pacer.step_s == pytest.approx(0.7 * 0.060 + 0.3 * 0.010)
     assert ChunkPacer(0, 1.5).allowance(0, others_running=True) is None  # off
+    small = ChunkPacer(4, 1.5)
+    small.stepped(1.0)
+    small.prefilled(4, 1e-6)
+    assert small.allowance(0, others_running=True) == 4  # never past max_tokens

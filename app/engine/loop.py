@@ -98,9 +98,16 @@ class EngineLoop:
                     end=end,
                 )
                 spent += end - start
-                self.pacer.prefilled(end - start, time.perf_counter() - t0)
+                seconds = time.perf_counter() - t0
+                self.pacer.prefilled(end - start, seconds, bool(self.batch.running))
+                logger.debug(
+                    "prefill %s %d..%d (%d running) in %.1f ms",
+                    state.request_id, start, end, len(self.batch.running), seconds * 1000,
+                )  # fmt: skip
                 if end < len(prompt):
                     self.batch.chunk_done(state, end - start, out.prompt_scores)
+                    if self.batch.running:
+                        return  # one chunk, then a decode step of the others
                     continue
                 self.batch.joined(
                     state, out.token, time.perf_counter(), out.scores, out.prompt_scores
