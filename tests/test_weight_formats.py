@@ -174,6 +174,21 @@ def test_a_format_without_a_kernel_is_one_clear_error(monkeypatch: pytest.Monkey
     assert message.endswith("Formats that work here: float32, bfloat16, int8")
 
 
+def test_a_device_without_candidates_names_the_formats_that_work(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    real = kernels.candidates
+    monkeypatch.setattr(
+        kernels, "candidates", lambda fmt, *a: [] if fmt in ("int8", "int4") else real(fmt, *a)
+    )
+    with pytest.raises(WeightFormatError) as info:
+        choose_kernel("int8", CPU, F32, [(64, 64)], 2, pack=False)
+    assert str(info.value) == (
+        "--weights int8 cannot run on cpu: no int8 kernel is offered for cpu (the packed "
+        "int8/int4 ops used are torch's CPU ones). Formats that work here: float32, bfloat16"
+    )
+
+
 def test_the_choice_is_timed_once_then_cached(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

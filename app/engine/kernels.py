@@ -122,10 +122,10 @@ def check(candidate: Candidate, device: torch.device, dtype: torch.dtype) -> str
         linear = candidate.make(weight, None, True)
         got = linear(x).float()
         want = x.float() @ linear.dequantized().to(device).t()
+        error = (got - want).abs().max().item() / max(want.abs().max().item(), 1e-6)
     except Exception as exc:  # a build or device without the op: say which op and what it said
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         return f"{candidate.name} fails here ({first})"
-    error = (got - want).abs().max().item() / max(want.abs().max().item(), 1e-6)
     if not error <= 0.03:  # bfloat16 activations round to ~0.4 %; NaN fails too
         return (
             f"{candidate.name} disagrees with its dequantized weight (relative error {error:.3g})"
@@ -217,7 +217,10 @@ def usable_formats(device: torch.device, dtype: torch.dtype) -> list[str]:
 
 
 def _no_kernel(fmt: str, device: torch.device, dtype: torch.dtype, why: dict[str, str]) -> str:
-    missing = "; ".join(why.values()) or f"torch has no {fmt} weight-only kernel for {device.type}"
+    missing = "; ".join(why.values()) or (
+        f"no {fmt} kernel is offered for {device.type} (the packed int8/int4 ops used are torch's "
+        "CPU ones)"
+    )
     works = ", ".join(usable_formats(device, dtype)) or "none"
     return (
         f"--weights {fmt} cannot run on {device.type}: {missing}. Formats that work here: {works}"
