@@ -109,9 +109,14 @@ def run_one(a: argparse.Namespace, router: str, budgets: dict[str, float] | None
 
 
 def kill_and_watch(url: str, at_s: float, out: dict[str, Any], limit_s: float = 120) -> None:
-    """SIGKILL the busiest replica ``at_s`` into the run; time until /ready lists a new one."""
+    """SIGKILL, ``at_s`` into the run, the first replica seen with a request in flight (within
+    5 s; else the busiest); time until /ready lists a new one."""
     time.sleep(at_s)
     details = httpx.get(f"{url}/ready", timeout=30).json()["details"]
+    look_until = time.perf_counter() + 5
+    while time.perf_counter() < look_until and not any(d["inflight"] for d in details):
+        time.sleep(0.02)
+        details = httpx.get(f"{url}/ready", timeout=30).json()["details"]
     victim = max(details, key=lambda d: d["inflight"])
     os.kill(victim["pid"], signal.SIGKILL)
     killed = time.perf_counter()
