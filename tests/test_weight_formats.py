@@ -48,14 +48,21 @@ def test_the_cpu_formats_all_have_a_kernel() -> None:
 
 @pytest.mark.parametrize("fmt", ["float32", "bfloat16", "int8", "int4"])
 @pytest.mark.parametrize("shape", [(96, 64), (40, 96), (50, 32)])  # 40, 50: int4 pads the rows
-def test_every_candidate_kernel_matches_its_dequantized_weight(fmt, shape) -> None:
+@pytest.mark.parametrize("scaled", [False, True])
+def test_every_candidate_kernel_matches_its_dequantized_weight(fmt, shape, scaled) -> None:
     gen = torch.Generator().manual_seed(3)
     weight = torch.randn(*shape, generator=gen)
     bias = torch.randn(shape[0], generator=gen)
+    # a norm weight with an outlier channel, as real checkpoints have
+    in_scale = torch.rand(shape[1], generator=gen) + 0.5 if scaled else None
+    if in_scale is not None:
+        in_scale[3] = 20.0
     for candidate in candidates(fmt, CPU, F32, pack=True):
-        linear = candidate.make(weight, bias, True)
-        dense = linear.dequantized()
+        linear = candidate.make(weight, bias, True, in_scale)
+        dense = linear.dequantized()  # what the layer multiplies x by, the input scale included
         assert dense.shape == shape and linear.out_features == shape[0]
+        folded = weight * in_scale if in_scale is not None else weight
+        assert _rel(dense, folded) < {"float32": 1e-6, "bfloat16": 1e-2}.get(fmt, 0.2)
         for rows in (1, 5):
             x = torch.randn(rows, shape[1], generator=gen)
             residual = torch.randn(rows, shape[0], generator=gen)
@@ -117,17 +124,24 @@ def _exits(model, ids: torch.Tensor) -> dict[int, torch.Tensor]:
         }
 
 
-def _fake_quantized(model, fmt: str):
-    """The float32 model whose (dense) weights are replaced by what ``fmt`` stores."""
+def _linears(model) -> list:
+    return [model.head, *(getattr(layer, n) for layer in model.layers for n in vars(layer))]
+
+
+def _fake_quantized(model, quantized, fmt: str):
+    """The float32 ``model`` whose (dense, norm-folded) weights are replaced by what ``fmt``
+    stores: int formats quantize the weight without the norm weight (``in_scale``)."""
     round_trip = {
         "bfloat16": lambda w: w.bfloat16().float(),
         "int8": lambda w: (lambda q, s: q.float() * s[:, None])(*quantize_int8(w)),
         "int4": lambda w: dequantize_int4(*quantize_int4(w)),
     }[fmt]
-    linears = [model.head, *(getattr(layer, n) for layer in model.layers for n in vars(layer))]
-    for linear in linears:
+    for linear, stored in zip(_linears(model), _linears(quantized), strict=True):
         assert isinstance(linear, Linear) and linear.packed is None
-        linear.weight_t = round_trip(linear.weight_t.t()).t().contiguous()
+        scale = getattr(stored, "in_scale", None)
+        w = linear.weight_t.t()
+        w = round_trip(w / scale) * scale if scale is not None else round_trip(w)
+        linear.weight_t = w.t().contiguous()
     return model
 
 
@@ -140,7 +154,7 @@ def test_every_format_matches_the_float32_reference_at_every_exit(case, fmt) -> 
     for k in want:
         assert _rel(got[k], want[k]) < VS_FLOAT32[fmt], f"{fmt} exit {k}"
     if fmt != "float32":  # tighter: the kernels compute what the stored weights say
-        fake = _exits(_fake_quantized(_model(folder, "float32"), fmt), ids)
+        fake = _exits(_fake_quantized(_model(folder, "float32"), model, fmt), ids)
         for k in want:
             assert _rel(got[k], fake[k]) < KERNEL_TOL, f"{fmt} exit {k} vs its dequantized model"
 

@@ -47,7 +47,10 @@ WORKING_SET_BYTES = 64 << 20  # timed weights per candidate, in its own format: 
 TIME_BUDGET_S = 0.25  # per candidate, after one untimed pass
 BYTES_PER_WEIGHT = {"float32": 4.0, "bfloat16": 2.0, "float16": 2.0, "int8": 1.0, "int4": 0.625}
 
-Make = Callable[[torch.Tensor, torch.Tensor | None, bool], Linear]
+# (weight [out, in] on the device, bias, keep the dequantized weight, input scale) -> Linear; the
+# layer computes (x * in_scale) @ weight.T: float formats fold the scale into the weight, int
+# formats quantize the weight without it (a norm weight would distort the groups' ranges)
+Make = Callable[[torch.Tensor, torch.Tensor | None, bool, torch.Tensor | None], Linear]
 
 
 class WeightFormatError(ValueError):
@@ -57,7 +60,7 @@ class WeightFormatError(ValueError):
 @dataclass(frozen=True)
 class Candidate:
     name: str  # the op and the dtype it is fed, e.g. "_weight_int4pack_mm_for_cpu/bfloat16"
-    make: Make  # (weight [out, in] on the device, bias, keep the dequantized weight) -> Linear
+    make: Make
 
 
 @dataclass(frozen=True)
@@ -87,15 +90,19 @@ def candidates(fmt: str, device: torch.device, dtype: torch.dtype, pack: bool) -
     """The kernels that could serve ``fmt`` for a model computing in ``dtype`` on ``device``."""
     native = str(dtype).removeprefix("torch.")
     if fmt == native:
-        return [Candidate(f"mm/{fmt}", lambda w, b, keep: Linear(w.to(dtype), b, pack))]
+        return [
+            Candidate(f"mm/{fmt}", lambda w, b, keep, s: Linear(_fold(w, s).to(dtype), b, pack))
+        ]
     if fmt in ("float32", "bfloat16"):
         store = getattr(torch, fmt)
-        found = [Candidate(f"mm/{fmt}", lambda w, b, keep: cast_linear(w, b, store, keep))]
+        found = [
+            Candidate(f"mm/{fmt}", lambda w, b, keep, s: cast_linear(_fold(w, s), b, store, keep))
+        ]
         if device.type == "cpu" and torch.backends.mkldnn.is_available():
             found.append(
                 Candidate(
                     f"mkldnn._linear_pointwise/{fmt}",
-                    lambda w, b, keep: onednn_cast_linear(w, b, store, keep),
+                    lambda w, b, keep, s: onednn_cast_linear(_fold(w, s), b, store, keep),
                 )
             )
         return found
@@ -107,10 +114,14 @@ def candidates(fmt: str, device: torch.device, dtype: torch.dtype, pack: bool) -
     return [
         Candidate(
             f"{op}/{str(act).removeprefix('torch.')}",
-            lambda w, b, keep, act=act: build(w, b, act, keep),
+            lambda w, b, keep, s, act=act: build(w, b, act, keep, s),
         )
         for act in acts
     ]
+
+
+def _fold(weight: torch.Tensor, in_scale: torch.Tensor | None) -> torch.Tensor:
+    return weight if in_scale is None else weight * in_scale
 
 
 def check(candidate: Candidate, device: torch.device, dtype: torch.dtype) -> str | None:
@@ -119,7 +130,7 @@ def check(candidate: Candidate, device: torch.device, dtype: torch.dtype) -> str
     weight = torch.randn(48, 64, generator=generator).to(device)
     x = torch.randn(3, 64, generator=generator).to(device, dtype)
     try:
-        linear = candidate.make(weight, None, True)
+        linear = candidate.make(weight, None, True, None)
         got = linear(x).float()
         want = x.float() @ linear.dequantized().to(device).t()
         error = (got - want).abs().max().item() / max(want.abs().max().item(), 1e-6)
@@ -186,7 +197,7 @@ def time_per_layer(
     per_layer = sum(o * i for o, i in shapes) * BYTES_PER_WEIGHT.get(fmt, 4.0)
     copies = max(1, min(num_layers, math.ceil(WORKING_SET_BYTES / max(per_layer, 1))))
     weights = [(torch.randn(o, i, generator=generator) * 0.02).to(device) for o, i in shapes]
-    layers = [[candidate.make(w, None, False) for w in weights] for _ in range(copies)]
+    layers = [[candidate.make(w, None, False, None) for w in weights] for _ in range(copies)]
     inputs = [torch.randn(1, i, generator=generator).to(device, dtype) for _, i in shapes]
     synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 

@@ -110,9 +110,11 @@ class WeightOnlyLinear(Linear):
     """A :class:`Linear` whose weight is read by ``op(x_cast) -> [rows, out]`` in ``act`` dtype.
 
     ``dense`` is the float32 ``[out, in]`` weight the format represents (dequantized), kept only
-    where asked (tests compare the kernel against it)."""
+    where asked (tests compare the kernel against it). ``in_scale`` (float32 ``[in]``), when set,
+    multiplies the input first: a norm weight that the float formats fold into the weight's
+    columns, kept out of a quantized weight so that it does not distort its groups' ranges."""
 
-    __slots__ = ("act", "dense", "name", "op", "out")
+    __slots__ = ("act", "dense", "in_scale", "name", "op", "out")
 
     def __init__(
         self,
@@ -122,9 +124,12 @@ class WeightOnlyLinear(Linear):
         bias: torch.Tensor | None,
         kernel: str,
         dense: torch.Tensor | None = None,
+        in_scale: torch.Tensor | None = None,
     ) -> None:
         self.op, self.out, self.act, self.bias, self.name = op, out_features, act, bias, kernel
-        self.dense, self.packed, self.weight_t = dense, None, None
+        self.dense, self.packed, self.weight_t, self.in_scale = dense, None, None, in_scale
+        if dense is not None and in_scale is not None:
+            self.dense = dense * in_scale.to(dense.device)[None, :]
 
     @property
     def out_features(self) -> int:
@@ -135,6 +140,8 @@ class WeightOnlyLinear(Linear):
         return self.name
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.in_scale is not None:
+            x = x * self.in_scale
         y = self.op(x if x.dtype == self.act else x.to(self.act))
         if y.dtype != x.dtype:
             y = y.to(x.dtype)
@@ -179,9 +186,14 @@ def onednn_cast_linear(
 
 
 def int8_linear(
-    weight: torch.Tensor, bias: torch.Tensor | None, act: torch.dtype, keep: bool = False
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    act: torch.dtype,
+    keep: bool = False,
+    in_scale: torch.Tensor | None = None,
 ) -> WeightOnlyLinear:
-    """int8 per-row weights through ``aten._weight_int8pack_mm`` with ``act`` activations."""
+    """int8 per-row weights through ``aten._weight_int8pack_mm`` with ``act`` activations; the
+    layer computes ``(x * in_scale) @ weight.T``."""
     q, scale = quantize_int8(weight)
     q, s = q.to(weight.device), scale.to(weight.device, act)
     dense = (q.float() * scale.to(q.device)[:, None]) if keep else None
@@ -193,13 +205,19 @@ def int8_linear(
         bias,
         f"_weight_int8pack_mm/{_name(act)}",
         dense,
+        in_scale,
     )
 
 
 def int4_linear(
-    weight: torch.Tensor, bias: torch.Tensor | None, act: torch.dtype, keep: bool = False
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    act: torch.dtype,
+    keep: bool = False,
+    in_scale: torch.Tensor | None = None,
 ) -> WeightOnlyLinear:
-    """int4 weights, groups of 32, through ``aten._weight_int4pack_mm_for_cpu``."""
+    """int4 weights, groups of 32, through ``aten._weight_int4pack_mm_for_cpu``; the layer
+    computes ``(x * in_scale) @ weight.T``."""
     out_features = weight.shape[0]
     q, scale, low = quantize_int4(weight)
     dense = dequantize_int4(q, scale, low) if keep else None
@@ -217,9 +235,8 @@ def int4_linear(
         y = op(x, packed, INT4_GROUP, scales_zeros)
         return y[:, :out_features].contiguous() if pad else y
 
-    return WeightOnlyLinear(
-        run, out_features, act, bias, f"_weight_int4pack_mm_for_cpu/{_name(act)}", dense
-    )
+    name = f"_weight_int4pack_mm_for_cpu/{_name(act)}"
+    return WeightOnlyLinear(run, out_features, act, bias, name, dense, in_scale)
 
 
 def _name(dtype: torch.dtype) -> str:

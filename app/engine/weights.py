@@ -32,7 +32,7 @@ from app.model_store import ModelStoreError
 
 MAX_PACKED_BYTES = 2**30  # keep oneDNN-packed weight copies up to this model size
 
-MakeLinear = Callable[[torch.Tensor, torch.Tensor | None], Linear]
+MakeLinear = Callable[..., Linear]  # (weight, bias=None, in_scale=None) -> Linear
 
 
 @dataclass
@@ -135,9 +135,16 @@ def build_model(
     if plan is not None:
         plan.choice = choice
 
-    def linear(weight: torch.Tensor, bias: torch.Tensor | None = None) -> Linear:
+    def linear(
+        weight: torch.Tensor,
+        bias: torch.Tensor | None = None,
+        in_scale: torch.Tensor | None = None,
+    ) -> Linear:
+        """``(x * in_scale) @ weight.T + bias``: a float format folds the norm weight
+        ``in_scale`` into the weight, an int format quantizes the weight without it."""
         cast = bias.to(device, dtype) if bias is not None else None
-        return kernel.make(weight.to(device), cast, False)
+        scale = in_scale.to(device) if in_scale is not None else None
+        return kernel.make(weight.to(device), cast, False, scale)
 
     layers = [_layer(t, a, f"model.layers.{i}.", linear) for i in range(a.num_layers)]
     embed = t.get("model.embed_tokens.weight", (a.vocab_size, hd))
@@ -145,7 +152,7 @@ def build_model(
         head = embed
     else:
         head = t.get("lm_head.weight", (a.vocab_size, hd))
-    head = linear(head * (t.get("model.norm.weight", (hd,)) * hd**0.5))
+    head = linear(head, None, t.get("model.norm.weight", (hd,)) * hd**0.5)
     rope = rope_table(hf_config, max_seq_len, device)
     return Transformer(a, embed.to(device, dtype).contiguous(), layers, head, rope)
 
@@ -163,9 +170,9 @@ def _layer(t: _Tensors, a: ModelArgs, prefix: str, linear: MakeLinear) -> Layer:
     rows = _rotary_rows(a)
     gate_up, gate_up_bias = t.fused([mlp + "gate_proj", mlp + "up_proj"], [(inter, hd)] * 2)
     return Layer(
-        qkv=linear((qkv * in_norm)[rows], qkv_bias[rows] if qkv_bias is not None else None),
+        qkv=linear(qkv[rows], qkv_bias[rows] if qkv_bias is not None else None, in_norm),
         o=linear(t.get(att + "o_proj.weight", (hd, q_dim)), t.optional(att + "o_proj.bias", (hd,))),
-        gate_up=linear(gate_up * post_norm, gate_up_bias),
+        gate_up=linear(gate_up, gate_up_bias, post_norm),
         down=linear(
             t.get(mlp + "down_proj.weight", (hd, inter)), t.optional(mlp + "down_proj.bias", (hd,))
         ),
