@@ -6,53 +6,15 @@ from __future__ import annotations
 
 import itertools
 import random
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from app.ray_serve.picture import EXTRA_ROWS, LoadPicture, take_picture
 from app.ray_serve.ranking import RequestShape, explain, prospect, rank
-from app.scheduler import DepthScheduler, ExitCost, LatencyProfile, SchedulerConfig
-
-EXITS = (3, 6, 9, 12)
-
-
-def decode_ms(k: int, b: int) -> float:
-    return 1.0 + 0.5 * k * (1 + 0.15 * (b - 1))
-
-
-def profile() -> LatencyProfile:
-    return LatencyProfile(
-        ExitCost(k, 0.02 * k, {b: decode_ms(k, b) for b in (1, 2, 4, 8, 16)}) for k in EXITS
-    )
-
-
-@dataclass(frozen=True)
-class Row:
-    request_id: str
-    exit_layer: int
-    generated: int
-
-
-@dataclass(frozen=True)
-class Report:
-    now: float
-    step_seconds: float
-    rows: tuple[Row, ...]
-    finished: tuple[Row, ...] = ()
-
-    @property
-    def exits(self) -> tuple[int, ...]:
-        return tuple(r.exit_layer for r in (*self.rows, *self.finished))
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.t = 100.0
-
-    def __call__(self) -> float:
-        return self.t
+from app.scheduler import DepthScheduler, SchedulerConfig
+from tests.test_scheduler import EXITS, Clock, Report, Row
+from tests.test_scheduler import synth_profile as profile
 
 
 def scheduler_with(running: int, clock: Clock | None = None) -> DepthScheduler:

@@ -52,26 +52,33 @@ class ServerProcess:
         self.args = list(args)
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self, timeout_s: float = 180.0) -> ServerProcess:
+    name = "the server"  # in error messages
+    ready_timeout_s = 180.0
+    probe_timeout_s = 2.0  # one /ready probe
+
+    def command(self) -> list[str]:
         cmd = [sys.executable, "-m", "app", "serve", "--model", str(self.model)]
-        cmd += ["--host", "127.0.0.1", "--port", str(self.port), *self.args]
+        return [*cmd, "--host", "127.0.0.1", "--port", str(self.port), *self.args]
+
+    def start(self, timeout_s: float | None = None) -> ServerProcess:
+        timeout_s = self.ready_timeout_s if timeout_s is None else timeout_s
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with self.log_path.open("wb") as log:
             self.proc = subprocess.Popen(
-                cmd, cwd=REPO_ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT
+                self.command(), cwd=REPO_ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT
             )
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise ServerError(f"the server exited with {self.proc.returncode}:\n{self.tail()}")
+                raise ServerError(f"{self.name} exited with {self.proc.returncode}:\n{self.tail()}")
             try:
-                if httpx.get(f"{self.url}/ready", timeout=2).status_code == 200:
+                if httpx.get(f"{self.url}/ready", timeout=self.probe_timeout_s).status_code == 200:
                     return self
             except httpx.HTTPError:
                 pass
             time.sleep(0.2)
         self.stop()
-        raise ServerError(f"the server was not ready within {timeout_s:.0f} s:\n{self.tail()}")
+        raise ServerError(f"{self.name} was not ready within {timeout_s:.0f} s:\n{self.tail()}")
 
     def stop(self, timeout_s: float = 30.0) -> int | None:
         """SIGTERM (a graceful drain), then SIGKILL if it does not exit in time."""

@@ -7,15 +7,11 @@ stops the application and the cluster.
 
 from __future__ import annotations
 
-import subprocess
 import sys
-import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-import httpx
-
-from app.api.launcher import REPO_ROOT, ServerError, ServerProcess
+from app.api.launcher import ServerProcess
 
 
 class RayServerProcess(ServerProcess):
@@ -31,27 +27,14 @@ class RayServerProcess(ServerProcess):
         super().__init__(model, log_path, env=env, args=args, port=port)
         self.replicas = replicas
 
-    def start(self, timeout_s: float = 300.0) -> RayServerProcess:
+    name = "serve-ray"
+    ready_timeout_s = 300.0
+    probe_timeout_s = 10.0
+
+    def command(self) -> list[str]:
         cmd = [sys.executable, "-m", "app", "serve-ray", "--model", str(self.model)]
         cmd += ["--replicas", str(self.replicas), "--host", "127.0.0.1", "--port", str(self.port)]
-        cmd += self.args
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        with self.log_path.open("wb") as log:
-            self.proc = subprocess.Popen(
-                cmd, cwd=REPO_ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT
-            )
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise ServerError(f"serve-ray exited with {self.proc.returncode}:\n{self.tail()}")
-            try:
-                if httpx.get(f"{self.url}/ready", timeout=10).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        self.stop()
-        raise ServerError(f"serve-ray was not ready within {timeout_s:.0f} s:\n{self.tail()}")
+        return [*cmd, *self.args]
 
     def stop(self, timeout_s: float = 90.0) -> int | None:
         return super().stop(timeout_s)
