@@ -215,3 +215,18 @@ def test_the_report_shows_every_repeat() -> None:
     text = report(result)
     assert "100.0 / 99.5 / 97.0" in text and "97.0-100.0" in text
     assert "NOT met" in text and "9:50 30:50" in text
+
+
+def test_target_ray_runs_the_router_benchmark(monkeypatch: pytest.MonkeyPatch) -> None:
+    import argparse
+
+    from app.bench import budget
+    from app.ray_serve import bench as ray_bench
+
+    seen: list[list[str]] = []
+    monkeypatch.setattr(ray_bench, "main", lambda argv: seen.append(argv) or 0)
+    p = argparse.ArgumentParser()
+    budget.add_arguments(p)
+    args = p.parse_args(["--target", "ray", "--model", "m", "--duration", "5", "--threads", "2"])
+    assert budget.run(args) == 0
+    assert seen == [["--model", "m", "--duration", "5.0", "--seed", "0", "--threads", "2"]]

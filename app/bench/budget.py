@@ -65,6 +65,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", type=Path, default=Path("model_store/default"), help="checkpoint")
     p.add_argument("--url", help="use this running server instead of starting one")
     p.add_argument(
+        "--target",
+        choices=("server", "ray"),
+        default="server",
+        help="ray: the Ray Serve routers side by side instead (python -m app.ray_serve.bench, "
+        "which has the rest of its flags), with --model, --duration, --seed and --threads",
+    )
+    p.add_argument(
         "--rates",
         default="1x,2x,4x",
         help="arrival rates in requests/s, or, suffixed with x, multiples of the measured "
@@ -216,6 +223,13 @@ def bench(url: str, args: argparse.Namespace) -> dict[str, Any]:
 def run(args: argparse.Namespace) -> int:
     from app.api.launcher import ServerProcess
     from app.bench.common import write_results
+
+    if args.target == "ray":
+        from app.ray_serve.bench import main as ray_bench
+
+        shared = {"--model": args.model, "--duration": args.duration, "--seed": args.seed}
+        argv = [str(x) for item in {**shared, "--threads": args.threads}.items() for x in item]
+        return ray_bench(argv)
 
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request otherwise
     # SIGTERM must unwind too, so that the server started below is stopped with us
