@@ -3,7 +3,6 @@ adds a replica when requests wait for a batch slot."""
 
 from __future__ import annotations
 
-import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -104,19 +103,13 @@ def test_a_replica_reports_its_queue_and_budget_totals() -> None:
 @pytest.mark.timeout(600)
 def test_waiting_requests_bring_a_second_replica(tiny_checkpoint: Path, tmp_path: Path) -> None:
     pytest.importorskip("ray.serve")
-    from app.ray_serve.launcher import RayServerProcess
+    from tests.ray_support import tiny_ray_server
 
-    server = RayServerProcess(
-        tiny_checkpoint,
-        tmp_path / "serve-ray.log",
-        replicas=1,
-        args=[
-            *("--min-replicas", "1", "--max-replicas", "2", "--upscale-delay", "0"),
-            *("--replica-cpus", "0", "--threads", "1", "--max-batch-size", "1"),
-            *("--profile-cache-dir", str(tmp_path / "profiles")),
-        ],
-        env={"RAY_TMPDIR": tempfile.mkdtemp(prefix="ssray-"), "RAY_USAGE_STATS_ENABLED": "0"},
-    )
+    server = tiny_ray_server(
+        tiny_checkpoint, tmp_path, 1,
+        *("--min-replicas", "1", "--max-replicas", "2", "--upscale-delay", "0"),
+        *("--max-batch-size", "1"),
+    )  # fmt: skip
     server.start(timeout_s=300)
     try:
         assert len(httpx.get(f"{server.url}/ready", timeout=30).json()["replicas"]) == 1

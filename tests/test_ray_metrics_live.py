@@ -10,7 +10,6 @@ sums Prometheus computes equal the replicas' own counts; and every dashboard que
 from __future__ import annotations
 
 import math
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,7 +21,7 @@ pytest.importorskip("ray.serve")
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from app.ray_serve.launcher import RayServerProcess
+from tests.ray_support import tiny_ray_server
 from tests.test_deploy_live import (
     _values,
     prometheus,
@@ -41,16 +40,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(600
 def server(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """The Ray application's URL (replaces tests/test_deploy_live.py's single server)."""
     work = tmp_path_factory.mktemp("ray-metrics")
-    ray_server = RayServerProcess(
-        tiny_checkpoint,
-        work / "serve-ray.log",
-        replicas=2,
-        args=[
-            *("--replica-cpus", "0", "--threads", "1", "--max-batch-size", "4"),
-            *("--profile-cache-dir", str(work / "profiles")),
-        ],
-        env={"RAY_TMPDIR": tempfile.mkdtemp(prefix="ssray-"), "RAY_USAGE_STATS_ENABLED": "0"},
-    )
+    ray_server = tiny_ray_server(tiny_checkpoint, work, 2, "--max-batch-size", "4")
     ray_server.start(timeout_s=300)
     try:
         yield ray_server.url

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -29,6 +28,7 @@ pytest.importorskip("ray.serve")
 from prometheus_client.parser import text_string_to_metric_families
 
 from app.ray_serve.launcher import RayServerProcess
+from tests.ray_support import tiny_ray_server
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -40,19 +40,10 @@ def cluster(
     tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[RayServerProcess]:
     work = tmp_path_factory.mktemp("ray")
-    server = RayServerProcess(
-        tiny_checkpoint,
-        work / "serve-ray.log",
-        replicas=2,
-        args=[
-            *("--replica-cpus", "0", "--threads", "1", "--max-batch-size", "4"),
-            *("--health-check-period", "1", "--stats-period", "0.1"),
-            *("--profile-cache-dir", str(work / "profiles")),
-        ],
-        # a short temp dir of its own: Ray's socket paths must stay short, and the stop test
-        # looks for processes still mentioning it
-        env={"RAY_TMPDIR": tempfile.mkdtemp(prefix="ssray-"), "RAY_USAGE_STATS_ENABLED": "0"},
-    )
+    server = tiny_ray_server(
+        tiny_checkpoint, work, 2,
+        *("--max-batch-size", "4", "--health-check-period", "1", "--stats-period", "0.1"),
+    )  # fmt: skip
     server.start(timeout_s=300)
     try:
         yield server
