@@ -96,6 +96,7 @@ def test_health_ready_info(client: httpx.Client) -> None:
     info = client.get("/info").json()
     assert info["num_layers"] == 4 and info["exits"] == [1, 2, 3, 4]
     assert info["model_type"] == "llama" and info["quality"]["metric"] == "loss"
+    assert info["weights"] == "float32" and info["weight_kernel"]  # chosen at start-up
     profile = info["latency_profile"]
     assert [p["exit_layer"] for p in profile["exits"]] == [1, 2, 3, 4]
     for point in profile["exits"]:

@@ -55,6 +55,8 @@ async def info(state: StateDep) -> Any:
         "quality": {"metric": model.metric, "by_exit": model.quality},
         "device": model.device,
         "dtype": model.dtype,
+        "weights": model.weights,  # the linear weights' format, and the kernel that reads them
+        "weight_kernel": model.weight_kernel,
         "latency_profile": {
             "source": state.profile_source,
             "batch_sizes": list(scheduler.profile.batch_sizes),
