@@ -154,6 +154,23 @@ def test_gguf_of_another_architecture_is_refused(tmp_path: Path) -> None:
         check_servable(path)
 
 
+def test_gguf_of_an_unreadable_quantization_type_is_refused_naming_it(tmp_path: Path) -> None:
+    import gguf
+
+    from app.base_model import check_gguf
+
+    path = tmp_path / "iq4.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    iq4 = gguf.GGMLQuantizationType.IQ4_NL  # 18 bytes per block of 32
+    writer.add_tensor("token_embd.weight", np.zeros((4, 18), dtype=np.uint8), raw_dtype=iq4)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(ModelStoreError, match="GGUF quantization type IQ4_NL is not supported"):
+        check_gguf(path)
+
+
 # -- black box: the real default served over HTTP -------------------------------------------------
 
 
