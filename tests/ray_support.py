@@ -23,3 +23,17 @@ def tiny_ray_server(checkpoint: Path, work: Path, replicas: int, *extra: str) ->
         ],
         env={"RAY_TMPDIR": tempfile.mkdtemp(prefix="ssray-"), "RAY_USAGE_STATS_ENABLED": "0"},
     )
+
+
+def tokens_by_replica(url: str) -> dict[str, float]:
+    """Tokens each replica has generated so far (its sortedserve_generated_tokens_total)."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(f"{url}/metrics", timeout=30).text
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name == "sortedserve_generated_tokens_total":
+                out[s.labels["replica"]] = out.get(s.labels["replica"], 0.0) + s.value
+    return out

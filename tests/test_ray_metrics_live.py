@@ -19,9 +19,8 @@ import pytest
 
 pytest.importorskip("ray.serve")
 
-from prometheus_client.parser import text_string_to_metric_families
 
-from tests.ray_support import tiny_ray_server
+from tests.ray_support import tiny_ray_server, tokens_by_replica
 from tests.test_deploy_live import (
     _values,
     prometheus,
@@ -48,16 +47,6 @@ def server(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> I
         ray_server.stop()
 
 
-def replica_tokens(server: str) -> dict[str, float]:
-    text = httpx.get(f"{server}/metrics", timeout=30).text
-    out: dict[str, float] = {}
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            if s.name == "sortedserve_generated_tokens_total":
-                out[s.labels["replica"]] = out.get(s.labels["replica"], 0.0) + s.value
-    return out
-
-
 def test_every_replica_reaches_prometheus_and_the_dashboard_works(
     server: str, prometheus: str
 ) -> None:
@@ -68,7 +57,7 @@ def test_every_replica_reaches_prometheus_and_the_dashboard_works(
     time.sleep(3)
     traffic_round(server, exits)
 
-    tokens = replica_tokens(server)
+    tokens = tokens_by_replica(server)
     assert set(tokens) == replicas and all(v > 0 for v in tokens.values()), tokens
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:

@@ -28,7 +28,7 @@ pytest.importorskip("ray.serve")
 from prometheus_client.parser import text_string_to_metric_families
 
 from app.ray_serve.launcher import RayServerProcess
-from tests.ray_support import tiny_ray_server
+from tests.ray_support import tiny_ray_server, tokens_by_replica
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -202,17 +202,6 @@ def parse_sse(lines: Iterator[str]) -> Iterator[tuple[str, Any]]:
             event = "message"
 
 
-def generated_tokens(server: RayServerProcess) -> dict[str, float]:
-    """Tokens each replica has generated so far (its sortedserve_generated_tokens_total)."""
-    text = httpx.get(f"{server.url}/metrics", timeout=30).text
-    out: dict[str, float] = {}
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            if s.name == "sortedserve_generated_tokens_total":
-                out[s.labels["replica"]] = out.get(s.labels["replica"], 0.0) + s.value
-    return out
-
-
 def test_a_client_that_leaves_cancels_its_request_on_the_replica(
     cluster: RayServerProcess,
 ) -> None:
@@ -220,7 +209,7 @@ def test_a_client_that_leaves_cancels_its_request_on_the_replica(
         r = httpx.get(f"{cluster.url}/ready", timeout=30).json()
         return {d["replica"]: d["inflight"] for d in r["details"]}
 
-    before = generated_tokens(cluster)
+    before = tokens_by_replica(cluster.url)
     with httpx.stream(
         "POST",
         f"{cluster.url}/v1/generate",
@@ -235,7 +224,7 @@ def test_a_client_that_leaves_cancels_its_request_on_the_replica(
     while time.monotonic() - left < 10 and inflight()[replica] != 0:
         time.sleep(0.1)
     assert inflight()[replica] == 0
-    made = generated_tokens(cluster)[replica] - before.get(replica, 0.0)
+    made = tokens_by_replica(cluster.url)[replica] - before.get(replica, 0.0)
     print(f"{made:.0f} of {LONG} tokens made before the cancel reached the engine")
     assert made < LONG / 2  # cancelled, not run to its end
 
