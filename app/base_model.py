@@ -131,7 +131,7 @@ def load_hf(path: Path, cache_dir: Path | None = None) -> tuple[Any, Any]:
     if adapter:
         from app.engine.adapter import merged_model
 
-        model, _ = merged_model(path, cache_dir)
+        model, _, _ = merged_model(path, cache_dir)
     else:
         try:
             model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)

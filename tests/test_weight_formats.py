@@ -18,8 +18,14 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from app.engine import EngineConfig, GenerationRequest, SamplingParams, kernel_cache, kernels
-from app.engine.formats import open_engine
+from app.engine import (
+    Engine,
+    EngineConfig,
+    GenerationRequest,
+    SamplingParams,
+    kernel_cache,
+    kernels,
+)
 from app.engine.kernels import WeightFormatError, candidates, choose_kernel, usable_formats
 from app.engine.kv_cache import KVCache
 from app.engine.linear import Linear
@@ -224,11 +230,7 @@ def test_the_choice_is_timed_once_then_cached(
 def test_engine_serves_int4_and_reports_it(case) -> None:
     folder, _, _ = case
     config = EngineConfig(max_slots=1, max_seq_len=64, weights="int4")
-    with pytest.raises(ValueError, match="open_engine"):  # never silently the default format
-        from app.engine import Engine
-
-        Engine.from_pretrained(folder, config)
-    engine = open_engine(folder, config)
+    engine = Engine.from_pretrained(folder, config)
     assert engine.info.weights == "int4"
     assert engine.info.weight_kernel.startswith("_weight_int4pack_mm_for_cpu")
     engine.start()
@@ -248,7 +250,8 @@ def test_engine_serves_int4_and_reports_it(case) -> None:
         assert events[-1].finish_reason == "length" and len(events) == 5
     finally:
         engine.shutdown(1.0)
-    assert open_engine(folder, EngineConfig(max_slots=1, max_seq_len=64)).info.weights == "float32"
+    default = Engine.from_pretrained(folder, EngineConfig(max_slots=1, max_seq_len=64))
+    assert default.info.weights == "float32"
 
 
 def test_engine_config_rejects_an_unknown_format() -> None:

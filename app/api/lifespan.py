@@ -31,8 +31,7 @@ EngineLoader = Callable[[Settings, StepHook], Any]
 
 def load_engine(settings: Settings, step_hook: StepHook) -> Any:
     """The real engine (imported here: torch loads only when a server starts)."""
-    from app.engine import EngineConfig
-    from app.engine.formats import open_engine
+    from app.engine import Engine, EngineConfig
 
     config = EngineConfig(
         device=settings.device,
@@ -43,8 +42,9 @@ def load_engine(settings: Settings, step_hook: StepHook) -> Any:
         prefill_chunk=settings.prefill_chunk,
         prefill_stall=settings.prefill_stall,
         weights=settings.weights,
+        kernel_cache_dir=str(settings.profile_cache_dir),
     )
-    return open_engine(settings.model, config, step_hook, settings.profile_cache_dir)
+    return Engine.from_pretrained(settings.model, config, step_hook)
 
 
 class StepObserver:

@@ -59,12 +59,12 @@ def add_engine_arguments(p: argparse.ArgumentParser, name: str, rounds: int = 3)
 def load_engine(model: Path, config: Any) -> Any:
     """The engine (in ``config.weights``), or ``None`` after logging why the checkpoint cannot be
     served (or the weight format cannot run here)."""
-    from app.engine.formats import open_engine
+    from app.engine import Engine
     from app.engine.kernels import WeightFormatError
     from app.model_store import ModelStoreError
 
     try:
-        return open_engine(model, config)
+        return Engine.from_pretrained(model, config)
     except (ModelStoreError, WeightFormatError) as exc:
         logger.error("%s", exc)
         return None

@@ -55,8 +55,7 @@ def run(args: argparse.Namespace) -> int:
     from app.base_ref import resolve
     from app.bench.decode_report import report
     from app.bench.decode_sides import engine_side, hf_side
-    from app.engine import EngineConfig
-    from app.engine.formats import open_engine
+    from app.engine import Engine, EngineConfig
     from app.model_store import ModelStoreError
 
     load_at_start = load_average()
@@ -72,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
                 torch_threads=args.torch_threads,
                 weights=fmt,
             )
-            engines[fmt] = open_engine(args.model, config)
+            engines[fmt] = Engine.from_pretrained(args.model, config)
         anchor = _anchor(args, next(iter(engines.values())).info.max_seq_len)
     except (ModelStoreError, ValueError) as exc:  # a bad checkpoint, format or missing extra
         logger.error("%s", exc)

@@ -37,7 +37,7 @@ def score_formats(
     from app.training.data import IGNORE_INDEX, encode_records, load_alpaca
     from app.training.soft import parse_exits
 
-    ckpt = load_checkpoint(model_ref)
+    ckpt = load_checkpoint(model_ref, keep_adapter=True)  # the int formats' side path
     num_layers = ckpt.meta.num_layers
     exits = parse_exits(exits_spec, None, num_layers) if exits_spec else list(ckpt.meta.exits)
     trained = (ckpt.meta.training or {}).get("chat_template")
@@ -52,7 +52,13 @@ def score_formats(
     tokens = 0
     for fmt in order:
         model = build_model(
-            ckpt.hf_config, ckpt.tensors, max(longest, 8), "cpu", torch.float32, weights=fmt
+            ckpt.hf_config,
+            ckpt.tensors,
+            max(longest, 8),
+            "cpu",
+            torch.float32,
+            weights=fmt,
+            adapter=ckpt.adapter,
         )
         kernels[fmt] = model.head.kernel
         sums = dict.fromkeys(exits, 0.0)

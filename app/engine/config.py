@@ -27,6 +27,7 @@ class EngineConfig:
     weights: str = "auto"  # linear weights' format; auto: the dtype's (see app.engine.kernels)
     prefill_chunk: int = 256  # most prompt tokens per loop iteration while others decode; 0: off
     prefill_stall: float = 1.5  # a chunk may take this many decode steps' time (chunking.py)
+    kernel_cache_dir: str | None = None  # where the weight-kernel choice is cached; None: memory
 
     def __post_init__(self) -> None:
         if self.max_slots < 1:
@@ -53,15 +54,6 @@ DEFAULT_MAX_SEQ_LEN = 2048
 def resolve_device(config: EngineConfig) -> tuple[str, str]:
     """The concrete ``(device, dtype)`` names for ``config`` on this machine."""
     import torch
-
-    from app.engine.weights import active_plan
-
-    if config.weights != "auto" and active_plan() is None:
-        # Engine does not pass the format to build_model yet: refuse rather than ignore it
-        raise ValueError(
-            f"weights={config.weights!r} is applied by app.engine.formats.open_engine; "
-            "Engine(...) alone would load the default format"
-        )
 
     device = config.device
     if device == "auto":

@@ -12,6 +12,7 @@ import logging
 import threading
 import time
 from collections.abc import AsyncIterator, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +40,7 @@ from app.engine.types import (
     ProfilePoint,
     StepHook,
 )
-from app.engine.weights import build_model
+from app.engine.weights import SIDE_PATH_FORMATS, build_model
 
 logger = logging.getLogger(__name__)
 
@@ -61,8 +62,18 @@ class Engine:
                 checkpoint.max_context,
             )
         dtype = getattr(torch, dtype_name)
-        model = build_model(checkpoint.hf_config, checkpoint.tensors, max_seq_len, device, dtype)
+        model = build_model(
+            checkpoint.hf_config,
+            checkpoint.tensors,
+            max_seq_len,
+            device,
+            dtype,
+            weights=config.weights,
+            kernel_cache=Path(config.kernel_cache_dir) if config.kernel_cache_dir else None,
+            adapter=checkpoint.adapter,
+        )
         checkpoint.tensors.clear()  # the model holds its own (fused) copies
+        checkpoint.adapter = None
         a = model.args
         cache = KVCache(
             a.num_layers, config.max_slots, a.num_kv_heads, max_seq_len, a.head_dim, device, dtype
@@ -83,6 +94,9 @@ class Engine:
         self.info = _model_info(
             checkpoint, a.num_layers, a.vocab_size, max_seq_len, device, dtype_name
         )
+        if model.kernel_choice is not None:
+            choice = model.kernel_choice
+            self.info = replace(self.info, weights=choice.weights, weight_kernel=choice.kernel)
         self._codec = TextCodec(checkpoint.tokenizer)
         self._mailbox = Mailbox()
         batch = Batch(
@@ -99,8 +113,11 @@ class Engine:
         config: EngineConfig | None = None,
         step_hook: StepHook | None = None,
     ) -> Engine:
-        """Load a model-store folder once (raises ``ModelStoreError`` with one clear sentence)."""
-        return cls(load_checkpoint(model_dir), config or EngineConfig(), step_hook)
+        """Load a model-store folder once (raises ``ModelStoreError`` with one clear sentence, and
+        ``WeightFormatError`` for a weight format this machine cannot run)."""
+        config = config or EngineConfig()
+        keep = config.weights in SIDE_PATH_FORMATS
+        return cls(load_checkpoint(model_dir, keep_adapter=keep), config, step_hook)
 
     # -- text -------------------------------------------------------------------------------------
     @property

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from app.engine.quantize import INT4_GROUP, dequantize_int4, quantize_int4, quantize_int8
+from app.engine.side_path import SidePath
 
 logger = logging.getLogger(__name__)
 
@@ -112,9 +113,11 @@ class WeightOnlyLinear(Linear):
     ``dense`` is the float32 ``[out, in]`` weight the format represents (dequantized), kept only
     where asked (tests compare the kernel against it). ``in_scale`` (float32 ``[in]``), when set,
     multiplies the input first: a norm weight that the float formats fold into the weight's
-    columns, kept out of a quantized weight so that it does not distort its groups' ranges."""
+    columns, kept out of a quantized weight so that it does not distort its groups' ranges.
+    ``side`` (set after construction), a float low-rank update added to the product: an adapter
+    kept beside its quantized base (:mod:`app.engine.side_path`)."""
 
-    __slots__ = ("act", "dense", "in_scale", "name", "op", "out")
+    __slots__ = ("act", "dense", "in_scale", "name", "op", "out", "side")
 
     def __init__(
         self,
@@ -128,6 +131,7 @@ class WeightOnlyLinear(Linear):
     ) -> None:
         self.op, self.out, self.act, self.bias, self.name = op, out_features, act, bias, kernel
         self.dense, self.packed, self.weight_t, self.in_scale = dense, None, None, in_scale
+        self.side: SidePath | None = None
         if dense is not None and in_scale is not None:
             self.dense = dense * in_scale.to(dense.device)[None, :]
 
@@ -145,6 +149,8 @@ class WeightOnlyLinear(Linear):
         y = self.op(x if x.dtype == self.act else x.to(self.act))
         if y.dtype != x.dtype:
             y = y.to(x.dtype)
+        if self.side is not None:  # (y is the op's own output or a cast copy: ours to change)
+            y.addmm_(torch.mm(x, self.side.a_t), self.side.b_t)
         return y if self.bias is None else y.add_(self.bias)
 
     def add(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
@@ -153,7 +159,12 @@ class WeightOnlyLinear(Linear):
     def dequantized(self) -> torch.Tensor:
         if self.dense is None:
             raise ValueError("this linear was built without its dequantized weight")
-        return self.dense
+        if self.side is None:
+            return self.dense
+        update = self.side.dense()
+        return self.dense + (
+            update * self.in_scale[None, :] if self.in_scale is not None else update
+        )
 
 
 def cast_linear(

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from app.engine.rope import check_rope, rope_type
+from app.engine.side_path import AdapterFactors
 from app.model_store import (
     ModelStoreError,
     SortedMeta,
@@ -40,12 +41,17 @@ class Checkpoint:
     tokenizer: Any  # a transformers tokenizer
     eos_token_ids: tuple[int, ...]
     max_context: int  # the longest context the reference forward computes identically
+    # an adapter's base weights and LoRA factors, kept for the integer formats' side path
+    adapter: AdapterFactors | None = None
 
 
-def load_checkpoint(model: str | Path, cache_dir: Path | None = None) -> Checkpoint:
+def load_checkpoint(
+    model: str | Path, cache_dir: Path | None = None, keep_adapter: bool = False
+) -> Checkpoint:
     """Load ``model``: an HF folder, a GGUF file (or a folder holding one), an adapter folder
-    (merged once into its base), or ``pkg:<distribution>/<file>``. GGUF weights are dequantized
-    (cached under ``cache_dir``, see :mod:`app.base_model`)."""
+    (merged once into its base; with ``keep_adapter`` its base weights and factors are kept too,
+    for the integer formats' side path), or ``pkg:<distribution>/<file>``. GGUF weights are
+    dequantized (cached under ``cache_dir``, see :mod:`app.base_model`)."""
     from app.base_model import hf_folder
     from app.base_ref import is_adapter, resolve
 
@@ -53,7 +59,7 @@ def load_checkpoint(model: str | Path, cache_dir: Path | None = None) -> Checkpo
     if is_adapter(path):
         from app.engine.adapter import load_adapter_checkpoint
 
-        return load_adapter_checkpoint(path, cache_dir)
+        return load_adapter_checkpoint(path, cache_dir, keep_adapter)
     folder = hf_folder(path, cache_dir)
     ckpt = _load_folder(folder)
     if folder != path:

@@ -97,6 +97,7 @@ class Transformer:
         self._one = torch.ones((), dtype=rope.dtype, device=embed.device)
         self._float32 = embed.dtype == torch.float32
         self._positions = torch.arange(self.max_seq_len, device=embed.device)
+        self.kernel_choice: Any = None  # the weight format's kernel (app.engine.kernels), if known
 
     @property
     def device(self) -> torch.device:

@@ -9,56 +9,32 @@ and ``tensors``.
 
 The linear layers are then stored in the weight format asked for (``weights``: float32, bfloat16,
 int8, int4; ``auto`` keeps the activation dtype), read by the kernel :mod:`app.engine.kernels`
-found fastest here. ``Engine`` does not pass a format yet: until it does, callers that have one
-build the engine inside :func:`weight_plan` (see :func:`app.engine.formats.open_engine`).
+found fastest here; the model remembers that choice (``Transformer.kernel_choice``). An adapter
+checkpoint served in an integer format quantizes its base's weights and keeps the adapter's update
+as a float side path (:mod:`app.engine.side_path`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
-from contextvars import ContextVar
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from app.engine.kernels import KernelChoice, choose_kernel, resolve_format
-from app.engine.linear import Linear, packed_linear_available
+from app.engine.kernels import choose_kernel, resolve_format
+from app.engine.linear import Linear, WeightOnlyLinear, packed_linear_available
 from app.engine.model import Layer, ModelArgs, Transformer
 from app.engine.rope import interleave_permutation, rope_table
+from app.engine.side_path import AdapterFactors, SidePath, fused_side_path
 from app.model_store import ModelStoreError
 
 MAX_PACKED_BYTES = 2**30  # keep oneDNN-packed weight copies up to this model size
 
-MakeLinear = Callable[..., Linear]  # (weight, bias=None, in_scale=None) -> Linear
+SIDE_PATH_FORMATS = ("int8", "int4")  # an adapter's update runs beside the quantized base
 
-
-@dataclass
-class WeightPlan:
-    """The weight format the next :func:`build_model` in this context uses, and (filled in by
-    it) the kernel it chose."""
-
-    weights: str = "auto"
-    kernel_cache: Path | None = None  # where kernel timings are cached (None: memory only)
-    choice: KernelChoice | None = None
-
-
-_PLAN: ContextVar[WeightPlan | None] = ContextVar("sortedserve_weight_plan", default=None)
-
-
-def active_plan() -> WeightPlan | None:
-    return _PLAN.get()
-
-
-@contextmanager
-def weight_plan(plan: WeightPlan) -> Iterator[WeightPlan]:
-    token = _PLAN.set(plan)
-    try:
-        yield plan
-    finally:
-        _PLAN.reset(token)
+# (weight, bias=None, in_scale=None, side=None) -> Linear
+MakeLinear = Callable[..., Linear]
 
 
 class _Tensors:
@@ -102,16 +78,19 @@ def build_model(
     device: str,
     dtype: torch.dtype,
     packed_linear: bool = True,
-    weights: str | None = None,
+    weights: str = "auto",
     kernel_cache: Path | None = None,
+    adapter: AdapterFactors | None = None,
 ) -> Transformer:
-    plan = _PLAN.get()
-    if weights is None:
-        weights = plan.weights if plan is not None else "auto"
-    if kernel_cache is None and plan is not None:
-        kernel_cache = plan.kernel_cache
+    """The engine's model of a checkpoint's tensors, its linear layers in ``weights`` (timed
+    kernel choices cached under ``kernel_cache``). With ``adapter`` (the factors of the adapter
+    merged into ``tensors``) an integer format quantizes the base weights and adds the update as
+    a float side path; other formats ignore it and serve the merged weights."""
+    fmt = resolve_format(weights, dtype)
+    if fmt not in SIDE_PATH_FORMATS:
+        adapter = None
     a = ModelArgs.from_hf(hf_config)
-    t = _Tensors(tensors)
+    t = _Tensors({**tensors, **adapter.base} if adapter is not None else tensors)
     weight_bytes = sum(v.numel() for v in tensors.values()) * torch.finfo(dtype).bits // 8
     # Packed copies double the weights' memory: worth it for the small models served on CPU.
     pack = (
@@ -124,7 +103,7 @@ def build_model(
     q_dim, kv_dim = a.num_heads * a.head_dim, a.num_kv_heads * a.head_dim
     shapes = [(q_dim + 2 * kv_dim, hd), (hd, q_dim), (2 * inter, hd), (hd, inter)]
     choice, kernel = choose_kernel(
-        resolve_format(weights, dtype),
+        fmt,
         torch.device(device),
         dtype,
         shapes,
@@ -132,21 +111,27 @@ def build_model(
         pack,
         kernel_cache,
     )
-    if plan is not None:
-        plan.choice = choice
 
     def linear(
         weight: torch.Tensor,
         bias: torch.Tensor | None = None,
         in_scale: torch.Tensor | None = None,
+        side: SidePath | None = None,
     ) -> Linear:
-        """``(x * in_scale) @ weight.T + bias``: a float format folds the norm weight
+        """``(x * in_scale) @ (weight + side).T + bias``: a float format folds the norm weight
         ``in_scale`` into the weight, an int format quantizes the weight without it."""
         cast = bias.to(device, dtype) if bias is not None else None
         scale = in_scale.to(device) if in_scale is not None else None
-        return kernel.make(weight.to(device), cast, False, scale)
+        made = kernel.make(weight.to(device), cast, False, scale)
+        if side is not None:
+            assert isinstance(made, WeightOnlyLinear)  # the side-path formats' kernels
+            made.side = side.to(device, dtype)
+        return made
 
-    layers = [_layer(t, a, f"model.layers.{i}.", linear) for i in range(a.num_layers)]
+    layers = [
+        _layer(t, a, f"model.layers.{i}.", linear, adapter or AdapterFactors())
+        for i in range(a.num_layers)
+    ]
     embed = t.get("model.embed_tokens.weight", (a.vocab_size, hd))
     if getattr(hf_config, "tie_word_embeddings", False):
         head = embed
@@ -154,10 +139,14 @@ def build_model(
         head = t.get("lm_head.weight", (a.vocab_size, hd))
     head = linear(head, None, t.get("model.norm.weight", (hd,)) * hd**0.5)
     rope = rope_table(hf_config, max_seq_len, device)
-    return Transformer(a, embed.to(device, dtype).contiguous(), layers, head, rope)
+    model = Transformer(a, embed.to(device, dtype).contiguous(), layers, head, rope)
+    model.kernel_choice = choice
+    return model
 
 
-def _layer(t: _Tensors, a: ModelArgs, prefix: str, linear: MakeLinear) -> Layer:
+def _layer(
+    t: _Tensors, a: ModelArgs, prefix: str, linear: MakeLinear, adapter: AdapterFactors
+) -> Layer:
     hd, inter = a.hidden_size, a.intermediate_size
     q_dim, kv_dim = a.num_heads * a.head_dim, a.num_kv_heads * a.head_dim
     att, mlp = prefix + "self_attn.", prefix + "mlp."
@@ -169,12 +158,26 @@ def _layer(t: _Tensors, a: ModelArgs, prefix: str, linear: MakeLinear) -> Layer:
     )
     rows = _rotary_rows(a)
     gate_up, gate_up_bias = t.fused([mlp + "gate_proj", mlp + "up_proj"], [(inter, hd)] * 2)
+
+    def side(names: list[str], sizes: list[int], order: torch.Tensor | None = None):
+        return fused_side_path(adapter, [n + ".weight" for n in names], sizes, order)
+
+    qkv_side = side([att + "q_proj", att + "k_proj", att + "v_proj"], [q_dim, kv_dim, kv_dim], rows)
+    gate_up_side = side([mlp + "gate_proj", mlp + "up_proj"], [inter] * 2)
     return Layer(
-        qkv=linear(qkv[rows], qkv_bias[rows] if qkv_bias is not None else None, in_norm),
-        o=linear(t.get(att + "o_proj.weight", (hd, q_dim)), t.optional(att + "o_proj.bias", (hd,))),
-        gate_up=linear(gate_up, gate_up_bias, post_norm),
+        qkv=linear(qkv[rows], qkv_bias[rows] if qkv_bias is not None else None, in_norm, qkv_side),
+        o=linear(
+            t.get(att + "o_proj.weight", (hd, q_dim)),
+            t.optional(att + "o_proj.bias", (hd,)),
+            None,
+            side([att + "o_proj"], [hd]),
+        ),
+        gate_up=linear(gate_up, gate_up_bias, post_norm, gate_up_side),
         down=linear(
-            t.get(mlp + "down_proj.weight", (hd, inter)), t.optional(mlp + "down_proj.bias", (hd,))
+            t.get(mlp + "down_proj.weight", (hd, inter)),
+            t.optional(mlp + "down_proj.bias", (hd,)),
+            None,
+            side([mlp + "down_proj"], [hd]),
         ),
     )
 
