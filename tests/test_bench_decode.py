@@ -54,20 +54,31 @@ def test_a_missing_anchor_extra_is_one_clear_error(monkeypatch: pytest.MonkeyPat
         LlamaCpp(Path("x.gguf"), 1, 64)
 
 
-def test_llama_cpp_runs_greedy_and_exactly_n_tokens_from_an_empty_cache() -> None:
+def test_the_anchor_child_process_reports_a_failed_load_in_one_line() -> None:
+    from app.bench.llama_anchor import LlamaCppProcess
+
+    # without the extra (as in make test) the child says so; with it, that the GGUF is missing
+    with pytest.raises(ModelStoreError, match=r"needs llama-cpp-python|cannot load") as info:
+        LlamaCppProcess(Path("missing.gguf"), 1, 64)
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("process", ["same", "child"])
+def test_llama_cpp_runs_greedy_and_exactly_n_tokens_from_an_empty_cache(process: str) -> None:
     pytest.importorskip("llama_cpp")
-    from app.bench.llama_anchor import LlamaCpp, base_gguf
+    from app.bench.llama_anchor import LlamaCpp, LlamaCppProcess, base_gguf
 
     try:
         gguf = base_gguf(BASE)
     except ModelStoreError as exc:
         pytest.skip(f"the SmolLM2 GGUF is not installed: {exc}")
     assert base_gguf(Path(__file__).resolve().parent.parent / "model_store" / "default") == gguf
-    anchor = LlamaCpp(gguf, threads=1, n_ctx=128)
+    anchor = (LlamaCpp if process == "same" else LlamaCppProcess)(gguf, threads=1, n_ctx=128)
     ids = anchor.tokenize("<|im_start|>user\nSay hello.<|im_end|>\n<|im_start|>assistant\n")
     side = anchor.side(ids)
     first, tokens = side(6)
     _, same = side(6)  # from an empty cache again: the same greedy tokens
     assert len(tokens) == 6 and tokens == same
     assert first["seconds"] > 0 and first["ms_per_token"] > 0
-    assert anchor.describe()["threads"] == 1
+    assert anchor.describe()["threads"] == 1 and anchor.describe()["process"] == process
+    anchor.close()

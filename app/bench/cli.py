@@ -31,6 +31,10 @@ BENCHES: dict[str, tuple[str, str]] = {
         "app.bench.stall",
         "largest inter-token gap of running streams while a long prompt is prefilled",
     ),
+    "step": (
+        "app.bench.step",
+        "where one decode step's time goes, op by op (torch.profiler), per weight format",
+    ),
     "quality": (
         "app.bench.quality",
         "held-out loss per exit, SoFT checkpoint against an SFT checkpoint",

@@ -46,6 +46,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="also run llama-cpp-python on the base's GGUF (needs the .[anchors] extra)",
     )
     p.add_argument("--gguf", help="the GGUF for --against (default: the model's or its base's)")
+    p.add_argument(
+        "--anchor-process",
+        choices=["child", "same"],
+        default="child",
+        help="run llama.cpp in a child process of its own (default), or in this one beside "
+        "torch, where it measured 1.5-1.7x slower (app/bench/llama_anchor.py)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -106,12 +113,16 @@ def run(args: argparse.Namespace) -> int:
         logger.info("round %d/%d done", r + 1, args.rounds)
     for engine in engines.values():
         engine.shutdown(1.0)
+    anchor_info: dict[str, Any] = {}
+    if anchor is not None:
+        same = anchor.tokenize(bench_prompt()) == prompt_ids
+        anchor_info = {**anchor.describe(), "same_prompt_tokens": same}
+        anchor.close()
 
     kernels = {fmt: e.info.weight_kernel for fmt, e in engines.items()}
     results = report(samples, tokens, info, formats, kernels, n)
     if anchor is not None:
-        results["llama_cpp"] = {**anchor.describe(), **results.get("llama_cpp", {})}
-        results["llama_cpp"]["same_prompt_tokens"] = anchor.tokenize(bench_prompt()) == prompt_ids
+        results["llama_cpp"] = {**anchor_info, **results.get("llama_cpp", {})}
     path = write_results(
         args.out,
         {
@@ -148,8 +159,9 @@ def _anchor(args: argparse.Namespace, max_seq_len: int) -> Any:
     import torch
 
     from app.base_ref import resolve
-    from app.bench.llama_anchor import LlamaCpp, base_gguf
+    from app.bench.llama_anchor import LlamaCpp, LlamaCppProcess, base_gguf
 
     gguf = resolve(args.gguf) if args.gguf else base_gguf(args.model)
+    kind = LlamaCppProcess if args.anchor_process == "child" else LlamaCpp
     # the threads torch decodes with (set by --torch-threads once the engine loaded)
-    return LlamaCpp(gguf, torch.get_num_threads(), n_ctx=min(max_seq_len, 2048))
+    return kind(gguf, torch.get_num_threads(), n_ctx=min(max_seq_len, 2048))
