@@ -22,8 +22,8 @@ from app.engine import Engine, EngineConfig
 from app.engine.linear import WeightOnlyLinear
 from app.engine.loader import load_checkpoint
 from app.engine.quantize import dequantize_int4, quantize_int4, quantize_int8
-from app.engine.side_path import AdapterFactors, fused_side_path
-from app.engine.weights import build_model
+from app.engine.side_path import AdapterFactors, SidePath, fused_side_path
+from app.engine.weights import _rotary_rows, build_model
 from tests.tiny_checkpoint import make_tiny_checkpoint
 
 F32 = torch.float32
@@ -134,17 +134,40 @@ def test_side_path_computes_the_quantized_base_plus_the_update(adapter: Path, fm
         ckpt.hf_config, {**ckpt.tensors, **ckpt.adapter.base}, 64, "cpu", F32, weights="float32"
     )
     pairs = [(dense.head, model.head)]  # the head has no update, but is quantized too
-    for layer, stored in zip(dense.layers, model.layers, strict=True):
+    factors: dict[int, SidePath] = {}
+    for i, (layer, stored) in enumerate(zip(dense.layers, model.layers, strict=True)):
         pairs += [(getattr(layer, n), getattr(stored, n)) for n in vars(layer)]
+        for n, side in _layer_sides(ckpt.adapter, model.args, i).items():
+            factors[id(getattr(stored, n))] = side
     for lin, q in pairs:
-        assert isinstance(q, WeightOnlyLinear) and (q.side is not None or q is model.head)
+        assert isinstance(q, WeightOnlyLinear) and (q.side_b is not None or q is model.head)
         scale = q.in_scale if q.in_scale is not None else 1.0
-        base = lin.weight_t.t() / scale  # the float32 build folded the norm weight in
-        update = q.side.dense() if q.side is not None else 0.0
-        lin.weight_t = ((ROUND_TRIP[fmt](base) + update) * scale).t().contiguous()
+        base = ROUND_TRIP[fmt](lin.weight_t.t() / scale)  # the float32 build folded the scale in
+        if q.side_b is not None:  # A is stored like the base (extra rows), B in float
+            a = factors[id(q)].a_t.t()
+            base = base + q.side_b.t() @ ROUND_TRIP[fmt](a)
+        lin.weight_t = (base * scale).t().contiguous()
     got, want = _exits(model, ids), _exits(dense, ids)
     for k in want:
         assert _rel(got[k], want[k]) < KERNEL_TOL, f"{fmt} exit {k}"
+
+
+def _layer_sides(adapter: AdapterFactors, args, i: int) -> dict[str, SidePath]:
+    """Layer ``i``'s fused side paths, as the engine fuses them (q/k/v rows in rotary order)."""
+    q_dim, kv_dim = args.num_heads * args.head_dim, args.num_kv_heads * args.head_dim
+    hd, inter = args.hidden_size, args.intermediate_size
+    att, mlp = f"model.layers.{i}.self_attn.", f"model.layers.{i}.mlp."
+    qkv = [att + p + ".weight" for p in ("q_proj", "k_proj", "v_proj")]
+    sides = {
+        "qkv": fused_side_path(adapter, qkv, [q_dim, kv_dim, kv_dim], _rotary_rows(args)),
+        "o": fused_side_path(adapter, [att + "o_proj.weight"], [hd]),
+        "gate_up": fused_side_path(
+            adapter, [mlp + "gate_proj.weight", mlp + "up_proj.weight"], [inter] * 2
+        ),
+        "down": fused_side_path(adapter, [mlp + "down_proj.weight"], [hd]),
+    }
+    assert all(side is not None for side in sides.values())
+    return sides  # type: ignore[return-value]
 
 
 def test_int4_side_path_keeps_the_update_that_merged_int4_loses(adapter: Path) -> None:
@@ -164,7 +187,7 @@ def test_engine_serves_an_adapter_in_int4_with_the_side_path(adapter: Path) -> N
     )
     assert engine.info.weights == "int4"
     layer = engine._loop.runner.model.layers[0]
-    assert all(getattr(layer, n).side is not None for n in vars(layer))
+    assert all(getattr(layer, n).side_b is not None for n in vars(layer))
     plain = Engine.from_pretrained(adapter, EngineConfig(max_slots=1, max_seq_len=64))
     layer = plain._loop.runner.model.layers[0]
-    assert plain.info.weights == "float32" and not hasattr(layer.qkv, "side")
+    assert plain.info.weights == "float32" and not hasattr(layer.qkv, "side_b")

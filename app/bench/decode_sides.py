@@ -48,6 +48,8 @@ def per_token_ms(times: Sequence[float], tokens: int) -> float:
 def hf_side(hf: Any, prompt_ids: list[int], pad_token_id: int) -> Side:
     import torch
 
+    from app.engine.openmp import release_thread_pool
+
     input_ids = torch.tensor([prompt_ids], device=next(hf.parameters()).device)
 
     def run(tokens: int) -> tuple[Sample, list[int]]:
@@ -62,6 +64,7 @@ def hf_side(hf: Any, prompt_ids: list[int], pad_token_id: int) -> Side:
                 streamer=clock,
                 pad_token_id=pad_token_id,
             )
+        release_thread_pool()  # this thread's OpenMP team would slow the engine's worker
         sample = {
             "seconds": t.seconds,
             "cpu_seconds": t.cpu_seconds,

@@ -27,6 +27,7 @@ from app.engine.kv_cache import KVCache
 from app.engine.loader import Checkpoint, load_checkpoint
 from app.engine.loop import EngineLoop
 from app.engine.mailbox import Mailbox
+from app.engine.openmp import release_thread_pool
 from app.engine.profile import measure_profile
 from app.engine.request_state import RequestState
 from app.engine.runner import ModelRunner
@@ -150,16 +151,27 @@ class Engine:
         with self._mailbox.cv:
             if self._mailbox.live:
                 raise RuntimeError("cannot measure the latency profile while requests run")
-            with runner.inference():
-                return measure_profile(
-                    runner, self.info, batch_sizes, prompt_tokens, decode_steps, depths, max_seconds
-                )
+            try:
+                with runner.inference():
+                    return measure_profile(
+                        runner,
+                        self.info,
+                        batch_sizes,
+                        prompt_tokens,
+                        decode_steps,
+                        depths,
+                        max_seconds,
+                    )
+            finally:
+                release_thread_pool()  # the worker decodes next (app/engine/openmp.py)
 
     def start(self) -> None:
         """Start the worker thread (idempotent)."""
         with self._mailbox.cv:
             if self._thread is not None:
                 return
+            # this thread loaded the model: its OpenMP team would slow the worker's (openmp.py)
+            release_thread_pool()
             self._thread = threading.Thread(
                 target=self._loop.run, name="sortedserve-engine", daemon=True
             )

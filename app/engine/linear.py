@@ -24,7 +24,6 @@ import torch
 import torch.nn.functional as F
 
 from app.engine.quantize import INT4_GROUP, dequantize_int4, quantize_int4, quantize_int8
-from app.engine.side_path import SidePath
 
 logger = logging.getLogger(__name__)
 
@@ -114,10 +113,12 @@ class WeightOnlyLinear(Linear):
     where asked (tests compare the kernel against it). ``in_scale`` (float32 ``[in]``), when set,
     multiplies the input first: a norm weight that the float formats fold into the weight's
     columns, kept out of a quantized weight so that it does not distort its groups' ranges.
-    ``side`` (set after construction), a float low-rank update added to the product: an adapter
-    kept beside its quantized base (:mod:`app.engine.side_path`)."""
+    ``side_b`` (set by :meth:`stack_side`): a low-rank update ``B A`` beside the quantized base
+    (an adapter's, :mod:`app.engine.side_path`). Its ``A`` is stored as ``rank`` extra output rows
+    of the quantized weight, so the kernel's one call returns ``[base product, x A^T]``; ``B``
+    stays float and one ``addmm`` adds ``(x A^T) B^T`` to the base product."""
 
-    __slots__ = ("act", "dense", "in_scale", "name", "op", "out", "side")
+    __slots__ = ("act", "dense", "in_scale", "name", "op", "out", "side_b")
 
     def __init__(
         self,
@@ -131,7 +132,7 @@ class WeightOnlyLinear(Linear):
     ) -> None:
         self.op, self.out, self.act, self.bias, self.name = op, out_features, act, bias, kernel
         self.dense, self.packed, self.weight_t, self.in_scale = dense, None, None, in_scale
-        self.side: SidePath | None = None
+        self.side_b: torch.Tensor | None = None  # [rank, out], the model's dtype
         if dense is not None and in_scale is not None:
             self.dense = dense * in_scale.to(dense.device)[None, :]
 
@@ -143,14 +144,22 @@ class WeightOnlyLinear(Linear):
     def kernel(self) -> str:
         return self.name
 
+    def stack_side(self, b_t: torch.Tensor) -> None:
+        """Take this linear's last ``b_t.shape[0]`` output rows as the ``A`` of a low-rank update
+        whose ``B^T`` is ``b_t``: from now on it returns ``base x + B (A x)``."""
+        rank = b_t.shape[0]
+        if b_t.shape[1] != self.out - rank:
+            raise ValueError(f"B^T {tuple(b_t.shape)} does not fit {self.out - rank} outputs")
+        self.side_b, self.out = b_t, self.out - rank
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.in_scale is not None:
             x = x * self.in_scale
         y = self.op(x if x.dtype == self.act else x.to(self.act))
         if y.dtype != x.dtype:
             y = y.to(x.dtype)
-        if self.side is not None:  # (y is the op's own output or a cast copy: ours to change)
-            y.addmm_(torch.mm(x, self.side.a_t), self.side.b_t)
+        if self.side_b is not None:  # y = [base product | x A^T]
+            y = torch.addmm(y[:, : self.out], y[:, self.out :], self.side_b)
         return y if self.bias is None else y.add_(self.bias)
 
     def add(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
@@ -159,12 +168,10 @@ class WeightOnlyLinear(Linear):
     def dequantized(self) -> torch.Tensor:
         if self.dense is None:
             raise ValueError("this linear was built without its dequantized weight")
-        if self.side is None:
+        if self.side_b is None:
             return self.dense
-        update = self.side.dense()
-        return self.dense + (
-            update * self.in_scale[None, :] if self.in_scale is not None else update
-        )
+        base, a = self.dense[: self.out], self.dense[self.out :]  # (input scale included)
+        return base + self.side_b.float().t() @ a
 
 
 def cast_linear(

@@ -15,6 +15,7 @@ import time
 from app.engine.batch import Batch
 from app.engine.chunking import ChunkPacer
 from app.engine.mailbox import Mail, Mailbox
+from app.engine.openmp import release_thread_pool
 from app.engine.relay import EventRelay
 from app.engine.runner import ModelRunner
 from app.engine.types import StepHook, StepReport
@@ -42,6 +43,8 @@ class EngineLoop:
         """The thread's body: iterate until told to stop, then cancel what is left."""
         with self.runner.inference():
             while True:
+                if not self.batch.busy and not self.mailbox.arrived:
+                    release_thread_pool()  # idle: other threads may run torch (openmp.py)
                 mail = self.mailbox.take(busy=self.batch.busy)
                 if mail.stopping:
                     self.stop(mail)

@@ -4,8 +4,10 @@ A SoFT adapter's update to a projection is small: on Sorted SmolLM2 it is ~20x b
 step of the base's weights, so int4 (or int8) of the *merged* weight rounds most of it away and
 the intermediate exits fall back towards the untuned base (measured in docs/performance.md). So
 the integer formats quantize the base's own weights (a GGUF base's are already 4-bit values) and
-run the update as a float low-rank side path: ``y = Q(W_base) x + B (A x)``, two small GEMMs per
-projection. The float formats keep serving the merged weights.
+run the update as a low-rank side path: ``y = Q(W_base) x + B Q(A) x``. ``A`` (rank rows) is
+quantized with the base as extra output rows of the same kernel call, ``B`` stays float: one
+``addmm`` per projection (:meth:`app.engine.linear.WeightOnlyLinear.stack_side`). The float
+formats keep serving the merged weights.
 
 :class:`AdapterFactors` holds, per adapted linear (by its Hugging Face weight name), the base
 weight and the factors ``a [r, in]`` and ``b [out, r]`` (PEFT's scaling folded into ``b``), so that
@@ -37,9 +39,6 @@ class SidePath:
 
     a_t: torch.Tensor  # [in, r]
     b_t: torch.Tensor  # [r, out]
-
-    def to(self, device: str | torch.device, dtype: torch.dtype) -> SidePath:
-        return SidePath(self.a_t.to(device, dtype), self.b_t.to(device, dtype))
 
     def dense(self) -> torch.Tensor:
         """The update as a float32 ``[out, in]`` weight."""

@@ -122,10 +122,13 @@ def build_model(
         ``in_scale`` into the weight, an int format quantizes the weight without it."""
         cast = bias.to(device, dtype) if bias is not None else None
         scale = in_scale.to(device) if in_scale is not None else None
-        made = kernel.make(weight.to(device), cast, False, scale)
-        if side is not None:
-            assert isinstance(made, WeightOnlyLinear)  # the side-path formats' kernels
-            made.side = side.to(device, dtype)
+        if side is None:
+            return kernel.make(weight.to(device), cast, False, scale)
+        # the update's A joins the quantized weight as extra rows; B stays float
+        stacked = torch.cat([weight, side.a_t.t()]).to(device)
+        made = kernel.make(stacked, cast, False, scale)
+        assert isinstance(made, WeightOnlyLinear)  # the side-path formats' kernels
+        made.stack_side(side.b_t.to(device, dtype))
         return made
 
     layers = [
