@@ -5,6 +5,7 @@ prompt arrives, and a request cancelled part-way through its prefill frees its r
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -63,9 +64,19 @@ def test_chunked_prefill_equals_one_prefill(
         )
 
 
+STEP_S = 0.002  # each decode step takes at least this long, as a real model's does
+
+
+def paced(report: object) -> None:
+    """A step hook that makes the tiny model's ~0.3 ms steps last ``STEP_S``: the tests count
+    tokens as the client receives them, which holds only while the client keeps up with the
+    worker (a 2-core machine gives the asyncio side no core of its own)."""
+    time.sleep(STEP_S)
+
+
 def make_engine(folder: Path, chunk: int, slots: int = 3) -> Engine:
     config = EngineConfig(device="cpu", max_slots=slots, max_seq_len=128, prefill_chunk=chunk)
-    eng = Engine.from_pretrained(folder, config)
+    eng = Engine.from_pretrained(folder, config, step_hook=paced)
     eng.start()
     return eng
 
