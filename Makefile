@@ -64,8 +64,15 @@ clean:
 # the base's own GGUF, every weight format, the same threads.
 ANCHOR_WEIGHTS ?= float32,bfloat16,int8,int4
 ANCHOR_THREADS ?= 2
+# llama.cpp built with -march=native on a CPU with AMX (Xeon Sapphire Rapids and later) took its
+# AMX kernels and crashed (SIGSEGV) at the first decode on the project's VM; there it is built for
+# AVX-512 (VNNI, BF16) without AMX instead. Elsewhere: native.
+LLAMA_NO_AMX := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON \
+  -DGGML_AVX512=ON -DGGML_AVX512_VBMI=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON \
+  -DGGML_AVX_VNNI=ON -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF
+LLAMA_CMAKE_ARGS ?= $(shell grep -qw amx_int8 /proc/cpuinfo 2>/dev/null && echo '$(LLAMA_NO_AMX)')
 .PHONY: bench-anchors
 bench-anchors: install
-	$(BIN)/python -m pip install -q -e ".[anchors]"
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/python -m pip install -q -e ".[anchors]"
 	$(BIN)/python -m app bench decode --against llama.cpp --weights $(ANCHOR_WEIGHTS) \
 	  --torch-threads $(ANCHOR_THREADS) --out bench/results/decode-anchors.json

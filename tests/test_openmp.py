@@ -24,8 +24,17 @@ def _parallel_op() -> None:
 def test_release_frees_this_threads_team_and_not_the_others() -> None:
     if _pause() is None:
         pytest.skip("torch does not run on libgomp here: nothing to release")
-    if torch.get_num_threads() < 2:
-        pytest.skip("one torch thread: no helper threads to free")
+    if (os.cpu_count() or 1) < 2:
+        pytest.skip("one CPU: torch runs no helper threads to free")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # (another test may have set 1; new threads take this value)
+    try:
+        _check_release()
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _check_release() -> None:
     other_started, finish = threading.Event(), threading.Event()
     counts: dict[str, int] = {}
 

@@ -158,8 +158,10 @@ class WeightOnlyLinear(Linear):
         y = self.op(x if x.dtype == self.act else x.to(self.act))
         if y.dtype != x.dtype:
             y = y.to(x.dtype)
-        if self.side_b is not None:  # y = [base product | x A^T]
-            y = torch.addmm(y[:, : self.out], y[:, self.out :], self.side_b)
+        if self.side_b is not None:  # y = [base product | x A^T], ours to change in place
+            y = y[:, : self.out].addmm_(y[:, self.out :], self.side_b)
+            if y.shape[0] > 1:  # rows of the wider product: make them adjacent again
+                y = y.contiguous()
         return y if self.bias is None else y.add_(self.bias)
 
     def add(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
