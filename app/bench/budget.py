@@ -112,6 +112,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=1, help="torch threads of the started server")
     p.add_argument("--max-batch-size", type=int, default=16, help="slots of the started server")
     p.add_argument(
+        "--weights",
+        default="auto",
+        help="weight format of the started server (auto, float32, bfloat16, int8, int4)",
+    )
+    p.add_argument(
         "--out", type=Path, default=DEFAULT_OUT, help=f"JSON results (default {DEFAULT_OUT})"
     )
     p.add_argument("--log", type=Path, default=Path("bench/results/budget-server.log"))
@@ -193,6 +198,8 @@ def bench(url: str, args: argparse.Namespace) -> dict[str, Any]:
         "machine": machine_info(load_at_start),
         "model": info["model_id"],
         "device": info["device"],
+        "weights": info.get("weights"),
+        "weight_kernel": info.get("weight_kernel"),
         "exits": exits,
         "quality": info.get("quality"),
         "max_new_tokens": n_new,
@@ -241,6 +248,7 @@ def run(args: argparse.Namespace) -> int:
         env = {
             "SORTEDSERVE_TORCH_THREADS": str(args.threads),
             "SORTEDSERVE_MAX_BATCH_SIZE": str(args.max_batch_size),
+            "SORTEDSERVE_WEIGHTS": args.weights,
             "SORTEDSERVE_MAX_QUEUE": "512",
             "SORTEDSERVE_API_KEY": "",
         }

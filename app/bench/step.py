@@ -2,8 +2,9 @@
 
 The engine's own decode step (the runner the server uses: ``ModelRunner.decode``) at one exit,
 ``--rows`` rows after a ``--context``-token prompt, first timed plainly (``--steps`` steps, median
-ms), then under ``torch.profiler``. The profiler's self CPU time per op type is reported per step
-and per layer run, grouped into what it is for:
+ms), then under ``torch.profiler``; in a worker thread, as the engine runs it (``--thread``).
+The profiler's self CPU time per op type is reported per step and per layer run, grouped into
+what it is for:
 
 - ``gemm``: the linear layers' weight reads (the kernels of the weight format, the side path);
 - ``attention``: scaled-dot-product attention over the cache;
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import logging
 import statistics
+import threading
 import time
 from typing import Any
 
@@ -48,6 +50,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--context", type=int, default=128, help="prompt tokens before (default 128)")
     p.add_argument("--steps", type=int, default=64, help="timed steps per round (default 64)")
     p.add_argument("--top", type=int, default=12, help="op types listed per format (default 12)")
+    p.add_argument(
+        "--thread",
+        choices=["worker", "loader", "worker-beside-loader"],
+        default="worker",
+        help="where the steps run: a worker thread, as the engine runs them (default); the "
+        "thread that loaded the model; or a worker while the loading thread keeps its OpenMP "
+        "team (the engine before app/engine/openmp.py)",
+    )
 
 
 def group_of(op: str) -> str:
@@ -145,6 +155,7 @@ def run(args: argparse.Namespace) -> int:
 
     from app.bench.common import load_engine
     from app.engine import EngineConfig
+    from app.engine.openmp import release_thread_pool
 
     load_at_start = load_average()
     formats = list(dict.fromkeys(f.strip() for f in args.weights.split(",") if f.strip()))
@@ -167,13 +178,27 @@ def run(args: argparse.Namespace) -> int:
             return 2
         timers[fmt] = StepTimer(engine, exit_layer, args.rows, args.context)
     ms: dict[str, list[float]] = {fmt: [] for fmt in formats}
-    for r in range(args.rounds):
+    profiles: dict[str, dict[str, dict[str, float]]] = {}
+
+    def measure() -> None:
+        for r in range(args.rounds):
+            for fmt, timer in timers.items():
+                ms[fmt].append(timer.time(args.steps))
+            logger.info("round %d/%d done", r + 1, args.rounds)
         for fmt, timer in timers.items():
-            ms[fmt].append(timer.time(args.steps))
-        logger.info("round %d/%d done", r + 1, args.rounds)
+            profiles[fmt] = timer.profile(args.steps)
+
+    if args.thread == "loader":
+        measure()
+    else:  # as the engine decodes: in a thread of its own, after the loading thread
+        if args.thread == "worker":
+            release_thread_pool()  # what Engine.start does (app/engine/openmp.py)
+        worker = threading.Thread(target=measure, name="bench-step-worker")
+        worker.start()
+        worker.join()
     results: dict[str, Any] = {}
     for fmt, timer in timers.items():
-        summary = summarise(timer.profile(args.steps), timer.exit_layer, args.top)
+        summary = summarise(profiles[fmt], timer.exit_layer, args.top)
         results[fmt] = {
             "kernel": timer.kernel,
             "ms_per_step": round(statistics.median(ms[fmt]), 3),
@@ -193,6 +218,7 @@ def run(args: argparse.Namespace) -> int:
                 "steps": args.steps,
                 "rounds": args.rounds,
                 "weights": formats,
+                "thread": args.thread,
                 "threads_used": torch.get_num_threads(),
             },
             "machine": machine_info(load_at_start),
