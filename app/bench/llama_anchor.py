@@ -2,10 +2,12 @@
 own GGUF, the engine CPU users pick, in the same run as the other sides, interleaved round by round.
 
 By default it runs in a child process of its own (:class:`LlamaCppProcess`, speaking JSON lines
-over a pipe; the child times its own tokens, so the pipe costs nothing measured). Inside the bench
-process, beside torch, llama.cpp made 1.5-1.7x fewer tokens/s than alone (measured on the 2-core
-EPYC; the cause was not found: two OpenMP runtimes in one process are the suspect), which would
-flatter every ratio against it. ``--anchor-process same`` keeps it in-process for comparison.
+over a pipe; the child times its own tokens, so the pipe costs nothing measured). In the bench
+process it loads the OpenMP runtime torch already loaded (libgomp, by soname), and each side's
+helper threads slowed the other's (:mod:`app.engine.openmp`): llama.cpp ran 1.5-1.7x slower
+there than alone while the engines' idle teams lived; once they were freed, the engine ran 2.4x
+slower beside llama.cpp's team. ``--anchor-process same`` keeps it in-process, freeing its team
+after each run.
 
 Same prompt token ids as the engine, greedy (``temp=0``: argmax, no repeat penalty), exactly the
 same number of new tokens (EOS is not a stop here: ``Llama.generate`` yields until told to stop),
@@ -102,6 +104,10 @@ class LlamaCpp:
                 out.append(int(token))
                 if len(out) >= tokens:
                     break
+        if "torch" in sys.modules:  # beside torch, llama.cpp shares its libgomp: free our team
+            from app.engine.openmp import release_thread_pool
+
+            release_thread_pool()  # (else the engine's worker slows down: app/engine/openmp.py)
         sample = {
             "seconds": t.seconds,
             "cpu_seconds": t.cpu_seconds,
