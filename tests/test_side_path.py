@@ -37,7 +37,6 @@ def _rel(got: torch.Tensor, want: torch.Tensor) -> float:
 
 @pytest.fixture(scope="module")
 def adapter(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from peft import PeftModel  # noqa: F401  (PEFT must be importable: it merges the adapter)
     from safetensors.torch import load_file, save_file
     from transformers import AutoModelForCausalLM
 
@@ -68,8 +67,7 @@ def adapter(tmp_path_factory: pytest.TempPathFactory) -> Path:
                 module.weight.add_(0.2 * torch.randn(module.weight.shape, generator=gen))
     folder = root / "adapter"
     peft_model.save_pretrained(folder)
-    make_tiny_checkpoint(root / "tokenizer", num_layers=4)  # the same tokenizer as the base's
-    for file in (root / "tokenizer").glob("tokenizer*"):
+    for file in base.glob("tokenizer*"):  # an adapter folder carries its tokenizer
         (folder / file.name).write_bytes(file.read_bytes())
     sorted_meta = json.loads((base / "sorted.json").read_text())
     sorted_meta["training"] = {"base": {"path": str(base)}}
