@@ -32,12 +32,13 @@ def test_step_profiles_every_format_by_group(tiny: Path, tmp_path: Path, thread:
         assert part["us_per_layer"]["gemm"] == pytest.approx(groups["gemm"] / 3, abs=0.1)
         ops = {op["op"]: op for op in part["top_ops"]}
         # float32 at one row: mm for qkv, gate/up and the head, addmm (residual fused) for o and
-        # down; int4: one kernel call per linear, 4 a layer, and the head
-        kernel, calls = {
-            "float32": ("aten::mm", 2 * 3 + 1),
-            "int4": ("aten::_weight_int4pack_mm_for_cpu", 4 * 3 + 1),
+        # down; int4: one kernel call per linear, 4 a layer, and the head in int8
+        expected = {
+            "float32": {"aten::mm": 2 * 3 + 1},
+            "int4": {"aten::_weight_int4pack_mm_for_cpu": 4 * 3, "aten::_weight_int8pack_mm": 1},
         }[fmt]
-        assert ops[kernel]["group"] == "gemm" and ops[kernel]["calls_per_step"] == calls
+        for kernel, calls in expected.items():
+            assert ops[kernel]["group"] == "gemm" and ops[kernel]["calls_per_step"] == calls
     assert data["formats"]["int4"]["kernel"].startswith("_weight_int4pack_mm_for_cpu")
 
 

@@ -23,7 +23,7 @@ from app.engine.linear import WeightOnlyLinear
 from app.engine.loader import load_checkpoint
 from app.engine.quantize import dequantize_int4, quantize_int4, quantize_int8
 from app.engine.side_path import AdapterFactors, SidePath, fused_side_path
-from app.engine.weights import _rotary_rows, build_model
+from app.engine.weights import HEAD_FORMATS, _rotary_rows, build_model
 from tests.tiny_checkpoint import make_tiny_checkpoint
 
 F32 = torch.float32
@@ -131,7 +131,7 @@ def test_side_path_computes_the_quantized_base_plus_the_update(adapter: Path, fm
     dense = build_model(
         ckpt.hf_config, {**ckpt.tensors, **ckpt.adapter.base}, 64, "cpu", F32, weights="float32"
     )
-    pairs = [(dense.head, model.head)]  # the head has no update, but is quantized too
+    pairs = [(dense.head, model.head)]  # the head has no update, but is quantized too (int8)
     factors: dict[int, SidePath] = {}
     for i, (layer, stored) in enumerate(zip(dense.layers, model.layers, strict=True)):
         pairs += [(getattr(layer, n), getattr(stored, n)) for n in vars(layer)]
@@ -140,7 +140,8 @@ def test_side_path_computes_the_quantized_base_plus_the_update(adapter: Path, fm
     for lin, q in pairs:
         assert isinstance(q, WeightOnlyLinear) and (q.side_b is not None or q is model.head)
         scale = q.in_scale if q.in_scale is not None else 1.0
-        base = ROUND_TRIP[fmt](lin.weight_t.t() / scale)  # the float32 build folded the scale in
+        head_fmt = HEAD_FORMATS.get(fmt, fmt) if q is model.head else fmt
+        base = ROUND_TRIP[head_fmt](lin.weight_t.t() / scale)  # the float32 build folded it in
         if q.side_b is not None:  # A is stored like the base (extra rows), B in float
             a = factors[id(q)].a_t.t()
             base = base + q.side_b.t() @ ROUND_TRIP[fmt](a)

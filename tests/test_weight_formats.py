@@ -31,7 +31,7 @@ from app.engine.kv_cache import KVCache
 from app.engine.linear import Linear
 from app.engine.loader import load_checkpoint
 from app.engine.quantize import dequantize_int4, quantize_int4, quantize_int8
-from app.engine.weights import build_model
+from app.engine.weights import HEAD_FORMATS, build_model
 from tests.tiny_checkpoint import make_tiny_checkpoint
 
 CPU = torch.device("cpu")
@@ -137,13 +137,15 @@ def _linears(model) -> list:
 def _fake_quantized(model, quantized, fmt: str):
     """The float32 ``model`` whose (dense, norm-folded) weights are replaced by what ``fmt``
     stores: int formats quantize the weight without the norm weight (``in_scale``)."""
-    round_trip = {
+    round_trips = {
         "bfloat16": lambda w: w.bfloat16().float(),
         "int8": lambda w: (lambda q, s: q.float() * s[:, None])(*quantize_int8(w)),
         "int4": lambda w: dequantize_int4(*quantize_int4(w)),
-    }[fmt]
+    }
     for linear, stored in zip(_linears(model), _linears(quantized), strict=True):
         assert isinstance(linear, Linear) and linear.packed is None
+        is_head = linear is model.head  # int4 keeps its head in int8 (weights.HEAD_FORMATS)
+        round_trip = round_trips[HEAD_FORMATS.get(fmt, fmt) if is_head else fmt]
         scale = getattr(stored, "in_scale", None)
         w = linear.weight_t.t()
         w = round_trip(w / scale) * scale if scale is not None else round_trip(w)
@@ -155,7 +157,8 @@ def _fake_quantized(model, quantized, fmt: str):
 def test_every_format_matches_the_float32_reference_at_every_exit(case, fmt) -> None:
     folder, ids, reference = case
     model = _model(folder, fmt)
-    assert KERNEL_NAME[fmt] in model.head.kernel
+    assert KERNEL_NAME[fmt] in model.layers[0].qkv.kernel
+    assert KERNEL_NAME[HEAD_FORMATS.get(fmt, fmt)] in model.head.kernel  # int4: an int8 head
     got, want = _exits(model, ids), _exits(reference, ids)
     for k in want:
         assert _rel(got[k], want[k]) < VS_FLOAT32[fmt], f"{fmt} exit {k}"

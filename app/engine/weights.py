@@ -32,6 +32,11 @@ from app.model_store import ModelStoreError
 MAX_PACKED_BYTES = 2**30  # keep oneDNN-packed weight copies up to this model size
 
 SIDE_PATH_FORMATS = ("int8", "int4")  # an adapter's update runs beside the quantized base
+# The LM head is stored in int8 when the layers are int4: the head decides every token, a GGUF's
+# 4-bit files keep their (tied) embedding in 8 bits (SmolLM2's Q4_1: token_embd Q8_0), and int4 of
+# it cost Sorted SmolLM2 its answers (greedy "The capital of France is the capital of the country
+# of France" instead of "... is Paris", as float32 and int8 answer; docs/performance.md).
+HEAD_FORMATS = {"int4": "int8"}
 
 # (weight, bias=None, in_scale=None, side=None) -> Linear
 MakeLinear = Callable[..., Linear]
@@ -140,7 +145,20 @@ def build_model(
         head = embed
     else:
         head = t.get("lm_head.weight", (a.vocab_size, hd))
-    head = linear(head, None, t.get("model.norm.weight", (hd,)) * hd**0.5)
+    head_scale = t.get("model.norm.weight", (hd,)) * hd**0.5
+    if fmt in HEAD_FORMATS:  # the head keeps more bits than the layers (see HEAD_FORMATS)
+        _, head_kernel = choose_kernel(
+            HEAD_FORMATS[fmt],
+            torch.device(device),
+            dtype,
+            [(a.vocab_size, hd)],
+            1,
+            pack,
+            kernel_cache,
+        )
+        head = head_kernel.make(head.to(device), None, False, head_scale.to(device))
+    else:
+        head = linear(head, None, head_scale)
     rope = rope_table(hf_config, max_seq_len, device)
     model = Transformer(a, embed.to(device, dtype).contiguous(), layers, head, rope)
     model.kernel_choice = choice
