@@ -51,7 +51,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         choices=["child", "same"],
         default="child",
         help="run llama.cpp in a child process of its own (default), or in this one beside "
-        "torch, where it measured 1.5-1.7x slower (app/bench/llama_anchor.py)",
+        "torch, sharing its OpenMP runtime (its team freed after each run; "
+        "app/bench/llama_anchor.py)",
     )
 
 

@@ -49,6 +49,7 @@ def score_formats(
     order = ["float32", *(f for f in formats if f != "float32")]
     by_format: dict[str, dict[str, float]] = {}
     kernels: dict[str, str] = {}
+    head_kernels: dict[str, str] = {}
     tokens = 0
     for fmt in order:
         model = build_model(
@@ -60,7 +61,8 @@ def score_formats(
             weights=fmt,
             adapter=ckpt.adapter,
         )
-        kernels[fmt] = model.head.kernel
+        kernels[fmt] = model.kernel_choice.kernel  # the layers'; the head's beside it
+        head_kernels[fmt] = model.head.kernel
         sums = dict.fromkeys(exits, 0.0)
         tokens = 0
         with torch.inference_mode():
@@ -101,6 +103,7 @@ def score_formats(
         "num_layers": num_layers,
         "exits": exits,
         "kernels": kernels,
+        "head_kernels": head_kernels,
         "by_format": by_format,
         "sorted_json_eval": {str(k): v for k, v in (ckpt.meta.eval.get("by_exit") or {}).items()},
         "rows": rows,

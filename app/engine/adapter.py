@@ -75,7 +75,11 @@ def lora_factors(peft_model: Any) -> Any:
             and not module.fan_in_fan_out
         )
         if not plain:
-            logger.info("%s is not plain LoRA on a linear: no side path", name)
+            logger.warning(
+                "%s is not plain LoRA on a linear: int8/int4 quantize the merged weights, which "
+                "may round the adapter's update away",
+                name,
+            )
             return None
         adapter = active[0]
         key = name.removeprefix(prefix) + ".weight"

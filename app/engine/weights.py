@@ -107,15 +107,11 @@ def build_model(
     hd, inter = a.hidden_size, a.intermediate_size
     q_dim, kv_dim = a.num_heads * a.head_dim, a.num_kv_heads * a.head_dim
     shapes = [(q_dim + 2 * kv_dim, hd), (hd, q_dim), (2 * inter, hd), (hd, inter)]
-    choice, kernel = choose_kernel(
-        fmt,
-        torch.device(device),
-        dtype,
-        shapes,
-        a.num_layers,
-        pack,
-        kernel_cache,
-    )
+
+    def kernel_for(fmt: str, shapes: list[tuple[int, int]], layers: int) -> tuple[Any, Any]:
+        return choose_kernel(fmt, torch.device(device), dtype, shapes, layers, pack, kernel_cache)
+
+    choice, kernel = kernel_for(fmt, shapes, a.num_layers)
 
     def linear(
         weight: torch.Tensor,
@@ -147,15 +143,7 @@ def build_model(
         head = t.get("lm_head.weight", (a.vocab_size, hd))
     head_scale = t.get("model.norm.weight", (hd,)) * hd**0.5
     if fmt in HEAD_FORMATS:  # the head keeps more bits than the layers (see HEAD_FORMATS)
-        _, head_kernel = choose_kernel(
-            HEAD_FORMATS[fmt],
-            torch.device(device),
-            dtype,
-            [(a.vocab_size, hd)],
-            1,
-            pack,
-            kernel_cache,
-        )
+        _, head_kernel = kernel_for(HEAD_FORMATS[fmt], [(a.vocab_size, hd)], 1)
         head = head_kernel.make(head.to(device), None, False, head_scale.to(device))
     else:
         head = linear(head, None, head_scale)
