@@ -190,3 +190,22 @@ def test_engine_serves_an_adapter_in_int4_with_the_side_path(adapter: Path) -> N
     plain = Engine.from_pretrained(adapter, EngineConfig(max_slots=1, max_seq_len=64))
     layer = plain._loop.runner.model.layers[0]
     assert plain.info.weights == "float32" and not hasattr(layer.qkv, "side_b")
+
+
+def test_bench_quality_scores_the_side_path_and_names_both_kernels(
+    adapter: Path, tmp_path: Path
+) -> None:
+    from app.bench.quality_formats import score_formats
+
+    data = tmp_path / "heldout.json"
+    story = {"input": "", "output": "Once upon a time there was a little girl."}
+    rows = [{"instruction": f"Tell story number {i}.", **story} for i in range(3)]
+    data.write_text(json.dumps(rows))
+    result = score_formats(adapter, data, ["int4"], None, 250)
+    assert result["kernels"]["int4"].startswith("_weight_int4pack_mm_for_cpu")
+    assert result["head_kernels"]["int4"].startswith("_weight_int8pack_mm")  # HEAD_FORMATS
+    assert result["kernels"]["float32"] == result["head_kernels"]["float32"] == "mm/float32"
+    losses = result["by_format"]
+    assert set(losses) == {"float32", "int4"} and losses["int4"].keys() == losses["float32"].keys()
+    # the side path keeps int4 close to float32 at every exit (the targets' 3 % with room)
+    assert all(r["met"] for r in result["rows"] if r["weights"] == "int4")
